@@ -1,0 +1,205 @@
+"""The public face of the engine: load models, submit requests, stream their output.
+
+The engine knows nothing of Ray or HTTP. It is used from asyncio code::
+
+    engine = Engine(EngineConfig(models=[ModelConfig(name="demo", path="models/demo")]))
+    request = GenerationRequest(messages=[{"role": "user", "content": "Hi"}],
+                                params=SamplingParams(max_tokens=32, temperature=0))
+    async for delta in engine.generate(request):
+        print(delta.text, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import mlx.core as mx
+
+from mlx_serving.engine.config import EngineConfig, ModelConfig
+from mlx_serving.engine.errors import EngineClosedError, InvalidRequestError, ModelNotFoundError
+from mlx_serving.engine.model import LoadedModel, ModelInfo
+from mlx_serving.engine.outputs import RequestOutput
+from mlx_serving.engine.params import GenerationRequest
+from mlx_serving.engine.runner import ModelRunner
+from mlx_serving.engine.scheduler import Scheduler
+from mlx_serving.engine.sequence import Sequence
+from mlx_serving.engine.stream import RequestStream
+from mlx_serving.engine.warmup import warm_up
+
+_KV_ALLOCATION_STEP = 256  # mlx-lm's KV caches grow in steps of this many tokens
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's load (read without stopping the engine thread)."""
+
+    waiting: int
+    running: int
+    paused: int
+    in_batch: int   # sequences mlx-lm's BatchGenerator itself holds
+    kv_reserved_bytes: int
+    kv_budget_bytes: int
+    prefix_cache_bytes: int
+    prefix_cache_hits: int
+    prefix_cache_misses: int
+    steps: int
+    generated_tokens: int
+    active_memory_bytes: int
+
+
+def default_memory_bytes() -> int:
+    """The accelerator's memory where MLX reports it, else the machine's RAM."""
+    info = mx.device_info()
+    size = info.get("memory_size") or info.get("total_memory")
+    if size:
+        return int(size)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class Engine:
+    """A single-node MLX inference engine with continuous batching.
+
+    One scheduler thread owns every MLX call; callers on any event loop submit requests and
+    iterate their output deltas.
+    """
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        budget = config.kv_memory_bytes or int(default_memory_bytes() * config.kv_memory_fraction)
+        self._scheduler = Scheduler(config, budget)
+        self._models: dict[str, LoadedModel] = {}
+        self._accepting = True
+        self._scheduler.start()
+        for model in config.models:
+            self.load_model(model)
+
+    # -- models ----------------------------------------------------------------------------------
+    def load_model(self, model: ModelConfig) -> ModelInfo:
+        """Load (and warm up) a model on the engine thread; blocks until it is ready."""
+        if model.name in self._models:
+            raise InvalidRequestError(f"model {model.name!r} is already loaded", param="name")
+
+        def load() -> LoadedModel:
+            loaded = LoadedModel(model)
+            runner = ModelRunner(loaded, self.config)
+            if model.warmup:
+                warm_up(runner)
+            self._scheduler.runners[model.name] = runner  # on the engine thread
+            return loaded
+
+        loaded = self._scheduler.call(load).result()
+        self._models[model.name] = loaded
+        return loaded.info()
+
+    def unload_model(self, name: str) -> None:
+        """Unload a model; its waiting requests end with an error, running ones are cancelled."""
+        if name not in self._models:
+            raise ModelNotFoundError(f"model {name!r} is not loaded", param="model")
+        del self._models[name]
+
+        self._scheduler.call(lambda: self._scheduler.remove_runner(name)).result()
+
+    def list_models(self) -> list[ModelInfo]:
+        return [m.info() for m in self._models.values()]
+
+    def model(self, name: str | None) -> LoadedModel:
+        """The loaded model a request names (None: the only one loaded)."""
+        if name is None:
+            if len(self._models) == 1:
+                return next(iter(self._models.values()))
+            raise InvalidRequestError(
+                f"model: name one of {sorted(self._models)}", param="model")
+        try:
+            return self._models[name]
+        except KeyError:
+            raise ModelNotFoundError(f"the model {name!r} does not exist", param="model") from None
+
+    # -- requests ----------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Validate and queue a request; returns the stream of its output deltas.
+
+        Must be called from a running event loop. Raises the engine's typed errors for
+        invalid input (before anything is queued) and QueueFullError under overload.
+        """
+        self._check_open()
+        loaded = self.model(request.model)
+        prompt_ids = loaded.prompt_ids(request)
+        max_tokens = loaded.resolve_max_tokens(request, len(prompt_ids), self.config.default_max_tokens)
+        params = request.params
+        loaded.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        if params.logit_bias:
+            loaded.check_token_ids(list(params.logit_bias), "logit_bias")
+        tokens = len(prompt_ids) + max_tokens
+        kv_bytes = loaded.kv_bytes_per_token * (-(-tokens // _KV_ALLOCATION_STEP) * _KV_ALLOCATION_STEP)
+        if kv_bytes > self._scheduler.kv_budget_bytes:
+            raise InvalidRequestError(
+                f"max_tokens: prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) needs "
+                f"{kv_bytes} bytes of KV cache; the engine's budget is "
+                f"{self._scheduler.kv_budget_bytes}", param="max_tokens")
+        stream = RequestStream(request.request_id, asyncio.get_running_loop(), self._scheduler.cancel)
+        seq = Sequence(request=request, model_name=loaded.name, prompt_ids=prompt_ids,
+                       max_tokens=max_tokens, stream=stream, kv_bytes=kv_bytes)
+        try:
+            self._scheduler.enqueue(seq)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="request_id") from None
+        return stream
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its deltas; leaving the loop early cancels it."""
+        stream = self.submit(request)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            stream.cancel()
+
+    def cancel(self, request_id: str) -> None:
+        self._scheduler.cancel(request_id)
+
+    # -- state ---------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self._scheduler
+        runners = list(s.runners.values())
+        return EngineStats(
+            waiting=s.num_waiting,
+            running=s.num_running,
+            paused=s.num_paused,
+            in_batch=sum(r.sequences_in_batch() for r in runners),
+            kv_reserved_bytes=s.kv_reserved_bytes,
+            kv_budget_bytes=s.kv_budget_bytes,
+            prefix_cache_bytes=sum(r.prefix_cache.nbytes for r in runners),
+            prefix_cache_hits=sum(r.prefix_cache.stats.hits for r in runners),
+            prefix_cache_misses=sum(r.prefix_cache.stats.misses for r in runners),
+            steps=s.counters.steps,
+            generated_tokens=s.counters.generated_tokens,
+            active_memory_bytes=mx.get_active_memory(),
+        )
+
+    def is_healthy(self, stuck_after_s: float = 120.0) -> bool:
+        """False when the engine thread has died or has not come round its loop for too long."""
+        s = self._scheduler
+        return s.alive and s.failure is None and time.monotonic() - s.heartbeat < stuck_after_s
+
+    def _check_open(self) -> None:
+        if not self._accepting:
+            raise EngineClosedError("the engine is shutting down")
+        if not self.is_healthy():
+            raise EngineClosedError("the engine thread is not running")
+
+    def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop admitting, let running requests finish for up to ``drain_timeout_s``, then stop.
+
+        Requests still running afterwards end with finish_reason ``error``.
+        """
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        s = self._scheduler
+        while time.monotonic() < deadline and (s.num_running or s.num_waiting or s.num_paused):
+            time.sleep(0.01)
+        s.stop()
+        s.join(timeout=30)

@@ -1,0 +1,377 @@
+"""The engine thread: the only code that calls MLX.
+
+Callers talk to it through an inbox of messages (submit, cancel, call). Each loop turn
+drains the inbox, applies backpressure, admits waiting sequences under the KV budget and
+runs one step of every model's batch, then hands token deltas to each request's stream.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import mlx.core as mx
+
+from mlx_serving.engine.config import EngineConfig
+from mlx_serving.engine.detokenizer import IncrementalDetokenizer
+from mlx_serving.engine.errors import EngineClosedError, QueueFullError, ReaderStalledError
+from mlx_serving.engine.outputs import FinishReason, RequestOutput, Timings, Usage
+from mlx_serving.engine.runner import ModelRunner
+from mlx_serving.engine.sampling import token_logprob
+from mlx_serving.engine.sequence import Sequence, SequenceStatus
+from mlx_serving.engine.stop_strings import StopStringMatcher
+from mlx_serving.engine.stream import wake
+
+log = logging.getLogger(__name__)
+
+_IDLE_POLL_S = 1.0      # idle wake-up, keeps the heartbeat fresh
+_PAUSED_POLL_S = 0.02   # wake-up while only paused sequences wait for their readers
+
+
+@dataclass
+class _Submit:
+    seq: Sequence
+
+
+@dataclass
+class _Cancel:
+    request_id: str
+
+
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    future: concurrent.futures.Future
+
+
+class _Stop:
+    pass
+
+
+@dataclass
+class SchedulerCounters:
+    steps: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    paused_total: int = 0
+
+
+class Scheduler:
+    """Owns the engine thread and every sequence after submission."""
+
+    def __init__(self, config: EngineConfig, kv_budget_bytes: int):
+        self.config = config
+        self.kv_budget_bytes = kv_budget_bytes
+        self.kv_reserved_bytes = 0
+        self.runners: dict[str, ModelRunner] = {}
+        self.counters = SchedulerCounters()
+        self.heartbeat = time.monotonic()
+        self.failure: BaseException | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: deque[Sequence] = deque()
+        self._paused: list[Sequence] = []
+        self._live: dict[str, Sequence] = {}
+        self._to_wake: list = []            # streams given output this turn
+        self._lock = threading.Lock()       # guards _queued and _ids (touched by callers)
+        self._queued = 0
+        self._ids: set[str] = set()
+        self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
+
+    # -- any thread ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def num_waiting(self) -> int:
+        return self._queued
+
+    @property
+    def num_paused(self) -> int:
+        return len(self._paused)
+
+    @property
+    def num_running(self) -> int:
+        return sum(r.num_running for r in list(self.runners.values()))
+
+    def enqueue(self, seq: Sequence) -> None:
+        """Queue a sequence for admission; raises QueueFullError when the queue is full."""
+        with self._lock:
+            if seq.request_id in self._ids:
+                raise ValueError(f"request id {seq.request_id!r} is already in use")
+            if self._queued >= self.config.max_waiting_requests:
+                raise QueueFullError(
+                    f"the engine queue is full ({self._queued} waiting requests)", retry_after=1.0)
+            self._queued += 1
+            self._ids.add(seq.request_id)
+        self._inbox.put(_Submit(seq))
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(_Cancel(request_id))
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the engine thread between steps; the future holds its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if not self.alive:
+            future.set_exception(EngineClosedError("the engine thread is not running"))
+        else:
+            self._inbox.put(_Call(fn, future))
+        return future
+
+    def stop(self) -> None:
+        self._inbox.put(_Stop())
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    # -- engine thread -----------------------------------------------------------------------------
+    def remove_runner(self, name: str) -> None:
+        """Drop a model: its sequences end with an error and its memory is freed."""
+        runner = self.runners[name]
+        for seq in [s for s in self._live.values() if s.model_name == name]:
+            self._end(seq, FinishReason.ERROR, f"model {name!r} was unloaded", "model_not_found")
+        del self.runners[name]
+        runner.close()
+        mx.clear_cache()
+
+    def _run(self) -> None:
+        try:
+            while self._drain_inbox(self._wait_timeout()):
+                self._apply_backpressure()
+                self._admit()
+                for runner in list(self.runners.values()):
+                    if runner.by_uid:
+                        self._step(runner)
+                self._wake_readers()
+                self.heartbeat = time.monotonic()
+        except BaseException as exc:  # a bug here must not leave callers hanging
+            log.exception("engine thread died")
+            self.failure = exc
+            self._abort_all(f"engine thread died: {exc!r}")
+        finally:
+            self._wake_readers()
+            for runner in self.runners.values():
+                runner.close()
+            mx.synchronize()  # no async work may outlive the thread that queued it
+
+    def _wait_timeout(self) -> float | None:
+        if any(r.by_uid for r in self.runners.values()):
+            return 0.0
+        if self._paused:
+            return _PAUSED_POLL_S
+        if self._waiting:
+            return _PAUSED_POLL_S  # admission is blocked on the KV budget
+        return _IDLE_POLL_S
+
+    def _drain_inbox(self, timeout: float | None) -> bool:
+        """Handle every queued message; False once a stop message arrives."""
+        try:
+            msg = self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
+        except queue.Empty:
+            self.heartbeat = time.monotonic()
+            return True
+        while True:
+            if isinstance(msg, _Stop):
+                self._abort_all("the engine is shutting down")
+                self._wake_readers()
+                return False
+            self._handle(msg)
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _push(self, seq: Sequence, delta: RequestOutput) -> None:
+        if seq.stream.push(delta):
+            self._to_wake.append(seq.stream)
+
+    def _wake_readers(self) -> None:
+        if self._to_wake:
+            wake(self._to_wake)
+            self._to_wake = []
+
+    def _handle(self, msg) -> None:
+        if isinstance(msg, _Submit):
+            self._live[msg.seq.request_id] = msg.seq
+            self._waiting.append(msg.seq)
+        elif isinstance(msg, _Cancel):
+            seq = self._live.get(msg.request_id)
+            if seq is not None:
+                self._end(seq, FinishReason.CANCELLED)
+        elif isinstance(msg, _Call):
+            if msg.future.set_running_or_notify_cancel():
+                try:
+                    msg.future.set_result(msg.fn())
+                except BaseException as exc:
+                    msg.future.set_exception(exc)
+
+    def _admit(self) -> None:
+        limit = self.config.max_batch_size
+        while self._waiting:
+            seq = self._waiting[0]
+            runner = self.runners.get(seq.model_name)
+            if runner is None:
+                self._end(seq, FinishReason.ERROR, f"model {seq.model_name!r} was unloaded",
+                          "model_not_found")
+                continue
+            if runner.num_running >= limit:
+                break
+            if self.kv_reserved_bytes + seq.kv_bytes > self.kv_budget_bytes:
+                break
+            self._waiting.popleft()
+            with self._lock:
+                self._queued -= 1
+            self.kv_reserved_bytes += seq.kv_bytes
+            seq.admitted_at = time.monotonic()
+            tokenizer = runner.loaded.tokenizer
+            seq.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids=seq.prompt_ids)
+            if seq.params.stop:
+                seq.stop_matcher = StopStringMatcher(seq.params.stop)
+            runner.start(seq)
+
+    def _apply_backpressure(self) -> None:
+        """Pause sequences whose readers lag, resume them when caught up, end stalled ones."""
+        limit = self.config.stream_buffer_tokens
+        for runner in self.runners.values():
+            for seq in list(runner.by_uid.values()):
+                if seq.stream.closed:
+                    self._end(seq, FinishReason.CANCELLED)
+                elif seq.stream.buffered_tokens >= limit:
+                    runner.pause(seq)
+                    self._paused.append(seq)
+                    self.counters.paused_total += 1
+        if not self._paused:
+            return
+        now = time.monotonic()
+        for seq in list(self._paused):
+            runner = self.runners[seq.model_name]
+            if seq.stream.closed:
+                self._end(seq, FinishReason.CANCELLED)
+            elif seq.stream.buffered_tokens <= limit // 2 and runner.num_running < self.config.max_batch_size:
+                self._paused.remove(seq)
+                runner.resume(seq)
+            elif now - seq.stream.last_read > self.config.stalled_reader_timeout_s:
+                err = ReaderStalledError(
+                    f"the reader did not read for {self.config.stalled_reader_timeout_s:g} s")
+                self._end(seq, FinishReason.ERROR, err.message, err.code)
+
+    def _step(self, runner: ModelRunner) -> None:
+        try:
+            _, responses = runner.batch.next()
+        except Exception as exc:
+            log.exception("model %s failed during a step", runner.loaded.name)
+            for seq in runner.reset():
+                seq.status = SequenceStatus.FINISHED  # nothing left to remove from the batch
+                self._complete(seq, FinishReason.ERROR, error=f"model step failed: {exc!r}",
+                               error_code="engine_error", was_admitted=True)
+            return
+        self.counters.steps += 1
+        self.counters.generated_tokens += len(responses)
+        for response in responses:
+            seq = runner.by_uid.get(response.uid)
+            if seq is not None:
+                self._on_token(runner, seq, response)
+
+    def _on_token(self, runner: ModelRunner, seq: Sequence, response) -> None:
+        token = response.token
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        seq.generated.append(token)
+        params = seq.params
+        logprobs = ([token_logprob(response.logprobs, token, params.top_logprobs)]
+                    if params.logprobs else None)
+
+        batch_reason = response.finish_reason  # "stop" (a stop token), "length" or None
+        finish = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}.get(batch_reason)
+        text = "" if batch_reason == "stop" else seq.detokenizer.add([token])
+        if finish is not None:
+            text += seq.detokenizer.flush()
+        if seq.stop_matcher is not None:
+            text, matched = seq.stop_matcher.feed(text)
+            if matched:
+                finish = FinishReason.STOP
+            elif finish is not None:
+                text += seq.stop_matcher.flush()
+
+        delta = RequestOutput(seq.request_id, text, [token], logprobs)
+        if finish is None:
+            self._push(seq, delta)
+            return
+        if batch_reason is not None:
+            runner.finished(response.uid, response.all_tokens, response.prompt_cache)
+        else:
+            runner.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self._complete(seq, finish, delta=delta, was_admitted=True)
+
+    def _end(self, seq: Sequence, reason: FinishReason, error: str | None = None,
+             error_code: str | None = None) -> None:
+        """End a sequence from outside the batch's own flow (cancel, stall, shutdown)."""
+        status = seq.status
+        if status is SequenceStatus.FINISHED:
+            return
+        if status is SequenceStatus.WAITING:
+            self._waiting.remove(seq)
+            with self._lock:
+                self._queued -= 1
+        elif status is SequenceStatus.RUNNING:
+            self.runners[seq.model_name].remove(seq)
+        elif status is SequenceStatus.PAUSED:
+            self._paused.remove(seq)
+            seq.paused_cache = None
+        seq.status = SequenceStatus.FINISHED
+        self._complete(seq, reason, error=error, error_code=error_code,
+                       was_admitted=status is not SequenceStatus.WAITING)
+
+    def _complete(self, seq: Sequence, reason: FinishReason, *, delta: RequestOutput | None = None,
+                  error: str | None = None, error_code: str | None = None,
+                  was_admitted: bool) -> None:
+        if was_admitted:
+            self.kv_reserved_bytes -= seq.kv_bytes
+        self._live.pop(seq.request_id, None)
+        with self._lock:
+            self._ids.discard(seq.request_id)
+        self.counters.finished += 1
+        now = time.monotonic()
+        delta = delta or RequestOutput(seq.request_id)
+        delta.finish_reason = reason
+        delta.error, delta.error_code = error, error_code
+        delta.usage = Usage(len(seq.prompt_ids), len(seq.generated), seq.cached_tokens)
+        first = seq.first_token_at
+        delta.timings = Timings(
+            queued_s=(seq.admitted_at or now) - seq.submitted_at,
+            ttft_s=(first - seq.submitted_at) if first else 0.0,
+            decode_s=(now - first) if first else 0.0,
+            total_s=now - seq.submitted_at,
+        )
+        self._push(seq, delta)
+
+    def _abort_all(self, message: str) -> None:
+        for seq in list(self._live.values()):
+            try:
+                self._end(seq, FinishReason.ERROR, message, EngineClosedError.code)
+            except Exception:  # the batch may be broken; still tell the reader
+                seq.status = SequenceStatus.FINISHED
+                self._complete(seq, FinishReason.ERROR, error=message,
+                               error_code=EngineClosedError.code, was_admitted=False)
+        # Submissions that raced with the stop.
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(msg, _Submit):
+                msg.seq.status = SequenceStatus.FINISHED
+                self._complete(msg.seq, FinishReason.ERROR, error=message,
+                               error_code=EngineClosedError.code, was_admitted=False)
+            elif isinstance(msg, _Call):
+                msg.future.set_exception(EngineClosedError(message))

@@ -1,0 +1,384 @@
+"""Engine behaviour: stop strings, seeds, prefix cache, cancellation, backpressure, errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import mlx.core as mx
+import pytest
+from support import async_wait_until, chat, collect, wait_until
+
+from mlx_serving.engine import (
+    ContextLengthExceededError,
+    Engine,
+    EngineClosedError,
+    EngineConfig,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequestError,
+    ModelConfig,
+    ModelNotFoundError,
+    QueueFullError,
+    SamplingParams,
+)
+from mlx_serving.engine.params import build
+
+
+def make_engine(path, **config) -> Engine:
+    max_model_len = config.pop("max_model_len", None)
+    model = ModelConfig(name="tiny", path=str(path), max_model_len=max_model_len)
+    return Engine(EngineConfig(models=[model], **config))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_path):
+    eng = make_engine(tiny_model_path)
+    yield eng
+    eng.shutdown()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# -- output ------------------------------------------------------------------------------------
+def test_usage_and_timings(engine):
+    out = run(collect(engine, chat("Hello", max_tokens=12, temperature=0, ignore_eos=True)))
+    final = out.final
+    assert final.finish_reason is FinishReason.LENGTH
+    assert final.usage.completion_tokens == len(out.token_ids) == 12
+    assert final.usage.prompt_tokens > 0
+    t = final.timings
+    assert 0 <= t.queued_s <= t.ttft_s <= t.total_s and t.decode_s >= 0
+
+
+def test_stop_string_across_deltas(engine):
+    full = run(collect(engine, chat("Once upon a time", max_tokens=48, temperature=0,
+                                    ignore_eos=True)))
+    stop = full.text[20:27]  # seven characters: several tokens of a 1k-token vocabulary
+    assert len(stop) == 7 and stop not in full.text[:26]
+    out = run(collect(engine, chat("Once upon a time", max_tokens=48, temperature=0,
+                                   ignore_eos=True, stop=["never-matches", stop])))
+    assert out.text == full.text[: full.text.index(stop)]
+    assert out.final.finish_reason is FinishReason.STOP
+    assert out.token_ids == full.token_ids[: len(out.token_ids)]
+    assert len(out.token_ids) < len(full.token_ids)
+
+
+def test_stop_token_ids(engine):
+    full = run(collect(engine, chat("List three colours", max_tokens=30, temperature=0,
+                                    ignore_eos=True)))
+    stop_id = full.token_ids[10]
+    first = full.token_ids.index(stop_id)
+    out = run(collect(engine, chat("List three colours", max_tokens=30, temperature=0,
+                                   ignore_eos=True, stop_token_ids=[stop_id])))
+    assert out.token_ids == full.token_ids[: first + 1]
+    assert out.final.finish_reason is FinishReason.STOP
+
+
+# -- sampling -------------------------------------------------------------------------------------
+def test_same_seed_same_output_alone_and_in_a_mixed_batch(engine):
+    seeded = dict(max_tokens=40, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
+    alone = run(collect(engine, chat("Pick a card", **seeded)))
+
+    async def mixed():
+        others = [
+            chat("Pick a card", max_tokens=25, temperature=0.9, seed=99, ignore_eos=True),
+            chat("Another request", max_tokens=60, temperature=0, ignore_eos=True),
+            chat("Unseeded", max_tokens=33, temperature=1.0, ignore_eos=True),
+            chat("Penalised", max_tokens=20, temperature=0.7, seed=5, repetition_penalty=1.3),
+            chat("Top-k", max_tokens=50, temperature=1.0, top_k=5, seed=7, ignore_eos=True),
+            chat("Greedy with logprobs", max_tokens=15, temperature=0, logprobs=True,
+                 top_logprobs=3),
+            chat("Min-p", max_tokens=45, temperature=1.2, min_p=0.1, ignore_eos=True),
+        ]
+        tasks = [asyncio.create_task(collect(engine, r)) for r in others[:4]]
+        mine = asyncio.create_task(collect(engine, chat("Pick a card", **seeded)))
+        tasks += [asyncio.create_task(collect(engine, r)) for r in others[4:]]
+        return await mine, await asyncio.gather(*tasks)
+
+    in_batch, others = run(mixed())
+    assert in_batch.token_ids == alone.token_ids
+    assert others[0].token_ids[:25] != alone.token_ids[:25]  # another seed differs
+    assert len(set(alone.token_ids)) > 10                    # it really sampled
+
+
+def test_top_logprobs(engine):
+    out = run(collect(engine, chat("Hi", max_tokens=5, temperature=0, logprobs=True,
+                                   top_logprobs=3, ignore_eos=True)))
+    for lp in out.logprobs:
+        assert len(lp.top) == 3
+        assert lp.top[0][0] == lp.token_id  # greedy picks the most likely token
+        assert lp.top[0][1] == pytest.approx(lp.logprob)
+        assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+
+
+# -- prefix cache ---------------------------------------------------------------------------------
+def test_prefix_cache_hit_gives_identical_output(tiny_model_path):
+    eng = make_engine(tiny_model_path, prompt_cache_bytes=64 * 2**20)
+    try:
+        system = {"role": "system", "content": "You are a terse assistant. " * 12}
+        params = SamplingParams(max_tokens=24, temperature=0, logprobs=True, ignore_eos=True)
+
+        def request(question):
+            return GenerationRequest(messages=[system, {"role": "user", "content": question}],
+                                     params=params)
+
+        cold = run(collect(eng, request("What is MLX?")))
+        assert cold.final.usage.cached_tokens == 0
+        warm = run(collect(eng, request("What is MLX?")))
+        assert warm.final.usage.cached_tokens == warm.final.usage.prompt_tokens - 1
+        assert warm.token_ids == cold.token_ids
+        assert [lp.logprob for lp in warm.logprobs] == pytest.approx(
+            [lp.logprob for lp in cold.logprobs], abs=1e-5)
+        # Another question after the same system prompt reuses the shared prefix.
+        other = run(collect(eng, request("And Ray Serve?")))
+        assert other.final.usage.cached_tokens > 40
+        baseline = make_engine(tiny_model_path, prompt_cache_bytes=0)
+        try:
+            uncached = run(collect(baseline, request("And Ray Serve?")))
+        finally:
+            baseline.shutdown()
+        assert other.token_ids == uncached.token_ids
+        assert eng.stats().prefix_cache_hits >= 2
+    finally:
+        eng.shutdown()
+
+
+# -- cancellation and backpressure -------------------------------------------------------------------
+def test_cancellation_frees_the_slot_within_a_step(engine):
+    async def go():
+        gen = engine.generate(chat("Go on forever", max_tokens=5000, temperature=0,
+                                   ignore_eos=True))
+        received = 0
+        async for delta in gen:
+            received += len(delta.token_ids)
+            if received >= 5:
+                break
+        steps_at_cancel = engine.stats().steps
+        await gen.aclose()  # what a vanished HTTP client does
+        await async_wait_until(lambda: engine.stats().running == 0)
+        return steps_at_cancel
+
+    steps_at_cancel = run(go())
+    stats = engine.stats()
+    assert stats.in_batch == 0 and stats.running == 0 and stats.paused == 0
+    assert stats.steps - steps_at_cancel <= 1
+    assert stats.kv_reserved_bytes == 0
+
+
+def test_slow_reader_is_paused_and_output_unchanged(tiny_model_path):
+    eng = make_engine(tiny_model_path, stream_buffer_tokens=4)
+    try:
+        async def read_slowly(req):
+            tokens = []
+            async for delta in eng.generate(req):
+                tokens += delta.token_ids
+                await asyncio.sleep(0.01)
+            return tokens
+
+        for params in (dict(temperature=0), dict(temperature=1.0, seed=11)):
+            req = chat("Tell a long story", max_tokens=80, ignore_eos=True, **params)
+            fast = run(collect(eng, req)).token_ids
+            slow = run(read_slowly(req))
+            assert slow == fast
+        assert eng._scheduler.counters.paused_total > 0
+    finally:
+        eng.shutdown()
+
+
+def test_reader_that_never_reads_is_bounded_and_ended(tiny_model_path):
+    eng = make_engine(tiny_model_path, stream_buffer_tokens=32, stalled_reader_timeout_s=1.0)
+    try:
+        async def go():
+            stream = eng.submit(chat("Never read me", max_tokens=100_000, temperature=0,
+                                     ignore_eos=True))
+            await async_wait_until(lambda: eng.stats().paused == 1)
+            paused_memory = mx.get_active_memory()
+            await async_wait_until(lambda: eng.stats().paused == 0 and eng.stats().running == 0)
+            deltas = [d async for d in stream]
+            return deltas, paused_memory
+
+        deltas, paused_memory = run(go())
+        tokens = sum(len(d.token_ids) for d in deltas)
+        assert 32 <= tokens <= 40                  # paused once the buffer held 32 tokens
+        assert len(deltas) == 1                    # coalesced, nothing dropped
+        final = deltas[-1]
+        assert final.finish_reason is FinishReason.ERROR
+        assert final.error_code == "reader_stalled" and "did not read" in final.error
+        assert final.usage.completion_tokens == tokens
+        # The KV cache of ~40 tokens, not of 100k: well under 10 MB for this model.
+        assert paused_memory < 10 * 2**20
+        assert eng.stats().kv_reserved_bytes == 0
+    finally:
+        eng.shutdown()
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -0.5), ("temperature", 3.0), ("top_p", 0.0), ("top_k", -1),
+    ("max_tokens", 0), ("max_tokens", -5), ("top_logprobs", 21), ("min_p", 1.5),
+    ("presence_penalty", 2.5), ("stop", [""]), ("stop", ["x"] * 17), ("seed", "abc"),
+])
+def test_bad_parameter_names_the_field(field, value):
+    with pytest.raises(InvalidRequestError) as info:
+        build(SamplingParams, **{field: value})
+    assert info.value.param == field or info.value.param.startswith(field)
+    assert field in info.value.message
+
+
+def test_out_of_vocabulary_ids_are_refused(engine):
+    async def go(**fields):
+        engine.submit(GenerationRequest(**fields))
+
+    with pytest.raises(InvalidRequestError) as info:
+        run(go(prompt="hi", params=SamplingParams(stop_token_ids=[10**7])))
+    assert info.value.param == "stop_token_ids"
+    with pytest.raises(InvalidRequestError) as info:
+        run(go(prompt=[1, 2, -3]))
+    assert info.value.param == "prompt"
+    with pytest.raises(InvalidRequestError) as info:
+        run(go(prompt="hi", params=SamplingParams(logit_bias={10**7: 1.0})))
+    assert info.value.param == "logit_bias"
+
+
+def test_prompt_longer_than_context(tiny_model_path):
+    eng = make_engine(tiny_model_path, max_model_len=64)
+    try:
+        async def go(**fields):
+            eng.submit(GenerationRequest(**fields))
+
+        with pytest.raises(ContextLengthExceededError) as info:
+            run(go(prompt=list(range(1, 80))))
+        assert info.value.param == "prompt" and "64" in info.value.message
+        with pytest.raises(ContextLengthExceededError) as info:
+            run(go(messages=[{"role": "user", "content": "word " * 100}]))
+        assert info.value.param == "messages"
+        with pytest.raises(ContextLengthExceededError) as info:
+            run(go(prompt=list(range(1, 40)), params=SamplingParams(max_tokens=30)))
+        assert info.value.param == "max_tokens"
+        # Without max_tokens the completion is capped by the room left in the context.
+        out = run(collect(eng, GenerationRequest(
+            prompt=list(range(1, 40)), params=SamplingParams(temperature=0, ignore_eos=True))))
+        assert out.final.usage.completion_tokens == 64 - 39
+        assert out.final.finish_reason is FinishReason.LENGTH
+    finally:
+        eng.shutdown()
+
+
+def test_unknown_model(engine):
+    async def go():
+        engine.submit(GenerationRequest(model="nope", prompt="hi"))
+
+    with pytest.raises(ModelNotFoundError) as info:
+        run(go())
+    assert info.value.param == "model"
+
+
+def test_full_queue_is_refused(tiny_model_path):
+    eng = make_engine(tiny_model_path, max_batch_size=1, max_waiting_requests=2)
+    try:
+        async def go():
+            long = chat("long", max_tokens=100_000, temperature=0, ignore_eos=True)
+            running = eng.submit(long)
+            await async_wait_until(lambda: eng.stats().running == 1)
+            queued = [eng.submit(chat(f"q{i}", max_tokens=2)) for i in range(2)]
+            with pytest.raises(QueueFullError) as info:
+                eng.submit(chat("one too many", max_tokens=2))
+            assert info.value.retry_after > 0
+            running.cancel()
+            return [[d async for d in s][-1] for s in queued]
+
+        finals = run(go())
+        assert all(f.finish_reason in (FinishReason.LENGTH, FinishReason.STOP) for f in finals)
+    finally:
+        eng.shutdown()
+
+
+def test_kv_budget_makes_requests_wait_not_fail(tiny_model_path):
+    probe = make_engine(tiny_model_path)
+    per_token = probe.list_models()[0].kv_bytes_per_token
+    probe.shutdown()
+    # A short prompt + 600 tokens reserves 768 tokens of KV: the budget holds one, not two.
+    eng = make_engine(tiny_model_path, kv_memory_bytes=int(per_token * 768 * 1.5))
+    try:
+        async def go():
+            reqs = [chat(f"r{i}", max_tokens=600, temperature=0, ignore_eos=True) for i in range(2)]
+            tasks = [asyncio.create_task(collect(eng, r)) for r in reqs]
+            await async_wait_until(lambda: eng.stats().running == 1)
+            assert eng.stats().waiting == 1
+            return await asyncio.gather(*tasks)
+
+        outs = run(go())
+        assert [o.final.usage.completion_tokens for o in outs] == [600, 600]
+        assert outs[1].final.timings.queued_s > outs[0].final.timings.queued_s
+    finally:
+        eng.shutdown()
+
+
+def test_step_failure_ends_requests_with_error_and_engine_recovers(tiny_model_path):
+    eng = make_engine(tiny_model_path)
+    try:
+        runner = eng._scheduler.runners["tiny"]
+        real_next = runner.batch.next
+        calls = {"n": 0}
+
+        def failing_next():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("simulated MLX failure")
+            return real_next()
+
+        runner.batch.next = failing_next
+        out = run(collect(eng, chat("x", max_tokens=50, temperature=0, ignore_eos=True)))
+        assert out.final.finish_reason is FinishReason.ERROR
+        assert "simulated MLX failure" in out.final.error
+        assert eng.is_healthy()
+        again = run(collect(eng, chat("x", max_tokens=5, temperature=0, ignore_eos=True)))
+        assert again.final.finish_reason is FinishReason.LENGTH
+    finally:
+        eng.shutdown()
+
+
+def test_dead_engine_thread_fails_requests_and_health(tiny_model_path):
+    eng = make_engine(tiny_model_path)
+    try:
+        def broken_admit():
+            raise RuntimeError("scheduler bug")
+
+        async def go():
+            eng._scheduler._admit = broken_admit
+            stream = eng.submit(chat("x", max_tokens=5))
+            return [d async for d in stream][-1]
+
+        final = run(go())
+        assert final.finish_reason is FinishReason.ERROR and "scheduler bug" in final.error
+        wait_until(lambda: not eng.is_healthy())
+
+        async def submit_again():
+            eng.submit(chat("x", max_tokens=5))
+
+        with pytest.raises(EngineClosedError):
+            run(submit_again())
+    finally:
+        eng.shutdown()
+
+
+def test_load_list_unload(engine, tiny_model_path):
+    info = engine.load_model(ModelConfig(name="second", path=str(tiny_model_path), warmup=False))
+    try:
+        assert {m.name for m in engine.list_models()} == {"tiny", "second"}
+        assert info.context_length == 131072
+
+        async def go(model):
+            return await collect(engine, GenerationRequest(
+                model=model, prompt="hi", params=SamplingParams(max_tokens=3, temperature=0)))
+
+        assert run(go("second")).final.usage.completion_tokens == 3
+        with pytest.raises(InvalidRequestError):  # two models: the request must name one
+            run(go(None))
+    finally:
+        engine.unload_model("second")
+    assert [m.name for m in engine.list_models()] == ["tiny"]
+    with pytest.raises(ModelNotFoundError):
+        engine.unload_model("second")
