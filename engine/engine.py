@@ -12,8 +12,10 @@ The engine knows nothing of Ray or HTTP. It is used from asyncio code::
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -60,6 +62,17 @@ def default_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_engines() -> None:
+    # MLX arrays last evaluated on a thread that has exited abort the process if they are
+    # freed during interpreter teardown: release every engine's models before that.
+    for engine in list(_ENGINES):
+        engine.shutdown()
+
+
 class Engine:
     """A single-node MLX inference engine with continuous batching.
 
@@ -74,6 +87,7 @@ class Engine:
         self._models: dict[str, LoadedModel] = {}
         self._accepting = True
         self._scheduler.start()
+        _ENGINES.add(self)
         for model in config.models:
             self.load_model(model)
 
@@ -203,3 +217,4 @@ class Engine:
             time.sleep(0.01)
         s.stop()
         s.join(timeout=30)
+        self._models.clear()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from mlx_serving.engine.errors import InvalidRequestError
 
@@ -36,15 +37,26 @@ class SamplingParams(BaseModel):
     logprobs: bool = False
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
 
-    @model_validator(mode="after")
-    def _check(self):
-        if any(s == "" for s in self.stop):
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
+        if any(s == "" for s in stop):
             raise ValueError("stop strings must not be empty")
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs")
-        if self.logit_bias and any(not -100.0 <= v <= 100.0 for v in self.logit_bias.values()):
+        return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, bias: dict[int, float] | None):
+        if bias and any(not -100.0 <= v <= 100.0 for v in bias.values()):
             raise ValueError("logit_bias values must lie in [-100, 100]")
-        return self
+        return bias
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, top: int, info: ValidationInfo) -> int:
+        if top and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs")
+        return top
 
     @property
     def greedy(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import queue
 import threading
 import time
@@ -130,8 +131,19 @@ class Scheduler:
     def stop(self) -> None:
         self._inbox.put(_Stop())
 
-    def join(self, timeout: float | None = None) -> None:
+    def join(self, timeout: float = 30.0) -> None:
+        """Wait for the engine thread to end, including its native thread-exit work.
+
+        ``Thread.join`` returns before the OS thread runs its thread-local destructors, and
+        MLX's per-thread compile cache takes the GIL in one of them: if that overlaps
+        interpreter shutdown the process aborts ("terminate called without an active
+        exception"). So also wait until the OS thread is gone (Linux: /proc/self/task).
+        """
         self._thread.join(timeout)
+        task = f"/proc/self/task/{self._thread.native_id}"
+        deadline = time.monotonic() + timeout
+        while os.path.exists(task) and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     # -- engine thread -----------------------------------------------------------------------------
     def remove_runner(self, name: str) -> None:
@@ -162,7 +174,7 @@ class Scheduler:
             for runner in self.runners.values():
                 runner.close()
             mx.synchronize()  # no async work may outlive the thread that queued it
-
+            self.runners.clear()
     def _wait_timeout(self) -> float | None:
         if any(r.by_uid for r in self.runners.values()):
             return 0.0

@@ -1,0 +1,332 @@
+"""The load generator every benchmark uses: streaming clients at a fixed concurrency.
+
+A ``Workload`` (seeded, so both sides of a comparison send identical prompts) is driven
+closed-loop by ``run_load`` against a ``Target``: an OpenAI-compatible HTTP endpoint
+(``HttpTarget``) or an in-process engine (``EngineTarget``). The result gives output
+tokens/s, requests/s and TTFT, inter-token and end-to-end latency percentiles::
+
+    python -m mlx_serving.bench.loadgen --url http://127.0.0.1:8000 --model demo \\
+        --concurrency 1 8 32 --requests 64 --prompt-tokens 128 --max-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from typing import AsyncIterator, Protocol
+
+import httpx
+import numpy as np
+
+from mlx_serving.engine import Engine, GenerationRequest, SamplingParams
+
+# Common English words: each is one token (with its leading space) in most BPE vocabularies.
+_WORDS = """the of and to in is was for on that with as by at from his her they this had not
+are but which have one were all their has been more when there can who out she would time
+about into only other new some could these two may first then do any like my now over such
+our man me even most made after also did many before must through back years where much your
+way well down should because each just those people how too little state good very make world
+still own see men work long here get both between life being under never day same another know
+while last might great old year off come since against go came right used take three""".split()
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request of a workload."""
+
+    prompt: str
+    max_tokens: int
+    chat: bool
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What to send: ``requests`` measured requests after ``warmup`` unmeasured ones.
+
+    Prompts are ``prompt_tokens`` words (roughly as many tokens) drawn from a fixed list by
+    a ``seed``-ed RNG, each led by its index so no two are alike. Every request asks for
+    exactly ``max_tokens`` tokens (EOS ignored), through chat or plain completions.
+    """
+
+    requests: int = 64
+    prompt_tokens: int = 128
+    max_tokens: int = 128
+    chat: bool = True
+    warmup: int = 2
+    seed: int = 0
+
+    def specs(self) -> tuple[list[RequestSpec], list[RequestSpec]]:
+        """The warm-up requests and the measured ones (same workload: same prompts)."""
+        rng = random.Random(self.seed)
+        specs = [RequestSpec(f"{i} " + " ".join(rng.choices(_WORDS, k=max(self.prompt_tokens - 1, 0))),
+                             self.max_tokens, self.chat)
+                 for i in range(self.warmup + self.requests)]
+        return specs[:self.warmup], specs[self.warmup:]
+
+
+class Target(Protocol):
+    """Something to load: ``stream`` yields the number of new tokens in each chunk as it
+    arrives and raises on failure (``RequestError`` where the target can name the kind)."""
+
+    def stream(self, spec: RequestSpec) -> AsyncIterator[int]: ...
+
+
+class RequestError(Exception):
+    """A failed request; ``kind`` is the key it is counted under in ``LoadResult.errors``."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+class HttpTarget:
+    """An OpenAI-compatible server, streamed over one keep-alive ``httpx.AsyncClient``.
+
+    Use it within one event loop and close it with ``aclose`` (or ``async with``).
+    ``max_connections`` should be at least the highest concurrency it is run at.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
+                 max_connections: int = 256, timeout_s: float = 600.0):
+        self.model = model
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+            timeout=httpx.Timeout(timeout_s, connect=30.0))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> HttpTarget:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def stream(self, spec: RequestSpec) -> AsyncIterator[int]:
+        """Yields 1 per content chunk, then, when the final usage says the chunks held more
+        tokens (servers coalesce), the remainder: only the total and the times of the first
+        and last chunk are used, so how tokens spread over chunks does not matter."""
+        body = {"model": self.model, "max_tokens": spec.max_tokens, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+        if spec.chat:
+            path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": spec.prompt}]
+        else:
+            path, body["prompt"] = "/v1/completions", spec.prompt
+        chunks, usage_tokens, done = 0, None, False
+        async with self._client.stream("POST", path, json=body) as response:
+            if not response.is_success:
+                await response.aread()
+                raise RequestError(f"http_{response.status_code}", response.text[:200])
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, event names
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    error = event["error"]
+                    code = (error.get("code") or error.get("type")) if isinstance(error, dict) else None
+                    raise RequestError(f"sse_error_{code or 'unknown'}", str(error)[:200])
+                if event.get("usage"):
+                    usage_tokens = event["usage"]["completion_tokens"]
+                if any((c.get("delta") or {}).get("content") or c.get("text")
+                       for c in event.get("choices") or ()):
+                    chunks += 1
+                    yield 1
+        if not done:
+            raise RequestError("incomplete_stream")
+        if usage_tokens is not None and usage_tokens > chunks:
+            yield usage_tokens - chunks
+
+
+class EngineTarget:
+    """An in-process ``Engine``, driven through ``Engine.generate`` (greedy, EOS ignored)."""
+
+    def __init__(self, engine: Engine, model: str | None = None):
+        self.engine = engine
+        self.model = model
+
+    async def stream(self, spec: RequestSpec) -> AsyncIterator[int]:
+        params = SamplingParams(max_tokens=spec.max_tokens, temperature=0, ignore_eos=True)
+        if spec.chat:
+            request = GenerationRequest(model=self.model, params=params,
+                                        messages=[{"role": "user", "content": spec.prompt}])
+        else:
+            request = GenerationRequest(model=self.model, params=params, prompt=spec.prompt)
+        async for delta in self.engine.generate(request):
+            if delta.error:
+                raise RequestError(f"engine_{delta.error_code or 'error'}", delta.error)
+            if delta.token_ids:
+                yield len(delta.token_ids)
+
+
+@dataclass
+class _Record:
+    """Timings (``time.perf_counter`` seconds) and token count of one request."""
+
+    start: float
+    first: float | None = None
+    last: float | None = None
+    end: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+async def _measure(target: Target, spec: RequestSpec) -> _Record:
+    record = _Record(start=time.perf_counter())
+    try:
+        async for n in target.stream(spec):
+            record.last = time.perf_counter()
+            if record.first is None:
+                record.first = record.last
+            record.tokens += n
+        if not record.tokens:
+            record.error = "no_tokens"
+    except Exception as exc:  # a failed request is a data point, never the end of the run
+        record.error = exc.kind if isinstance(exc, RequestError) else type(exc).__name__
+    record.end = time.perf_counter()
+    return record
+
+
+async def _closed_loop(target: Target, specs: list[RequestSpec], concurrency: int) -> list[_Record]:
+    pending = iter(specs)  # shared by the workers; next() never awaits, so no lock is needed
+
+    async def worker() -> list[_Record]:
+        return [await _measure(target, spec) for spec in pending]
+
+    per_worker = await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return [r for records in per_worker for r in records]
+
+
+def _stats_ms(seconds: list[float], keys: tuple[str, ...]) -> dict[str, float | None]:
+    """Percentiles (numpy's default linear interpolation) and mean, in ms; None if empty."""
+    if not seconds:
+        return dict.fromkeys(keys)
+    ms = np.asarray(seconds) * 1e3
+    return {k: round(float(ms.mean() if k == "mean" else np.percentile(ms, float(k[1:]))), 3)
+            for k in keys}
+
+
+@dataclass
+class LoadResult:
+    """One load level. Tokens, latencies and rates count successful requests only.
+
+    TTFT runs from sending a request to its first content chunk; a request's inter-token
+    latency is (last chunk - first chunk) / (tokens - 1), so the ``itl_ms`` percentiles are
+    over per-request means (chunks may carry several tokens, hiding the gaps within them).
+    """
+
+    concurrency: int
+    requests_ok: int
+    requests_failed: int
+    errors: dict[str, int]
+    duration_s: float
+    output_tokens: int
+    output_tok_s: float
+    requests_s: float
+    ttft_ms: dict[str, float | None]
+    itl_ms: dict[str, float | None]
+    e2e_ms: dict[str, float | None]
+
+    @classmethod
+    def from_records(cls, concurrency: int, records: list[_Record], duration_s: float) -> LoadResult:
+        ok = [r for r in records if r.error is None]
+        tokens = sum(r.tokens for r in ok)
+        return cls(
+            concurrency=concurrency, requests_ok=len(ok), requests_failed=len(records) - len(ok),
+            errors=dict(Counter(r.error for r in records if r.error is not None)),
+            duration_s=round(duration_s, 4), output_tokens=tokens,
+            output_tok_s=round(tokens / duration_s, 2), requests_s=round(len(ok) / duration_s, 3),
+            ttft_ms=_stats_ms([r.first - r.start for r in ok], ("p50", "p90", "p99", "mean")),
+            itl_ms=_stats_ms([(r.last - r.first) / (r.tokens - 1) for r in ok if r.tokens > 1],
+                             ("p50", "p99", "mean")),
+            e2e_ms=_stats_ms([r.end - r.start for r in ok], ("p50", "p90", "p99")))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+async def run_load(target: Target, workload: Workload, concurrency: int) -> LoadResult:
+    """Run the workload closed-loop: ``concurrency`` workers each send their next request
+    as soon as their last one ends. Warm-up requests go first, at the same concurrency,
+    and are left out of the result."""
+    warmup, measured = workload.specs()
+    await _closed_loop(target, warmup, concurrency)
+    start = time.perf_counter()
+    records = await _closed_loop(target, measured, concurrency)
+    return LoadResult.from_records(concurrency, records, time.perf_counter() - start)
+
+
+async def sweep(target: Target, workload: Workload, concurrencies: list[int]) -> list[LoadResult]:
+    """``run_load`` at each concurrency in turn. Level i uses seed ``workload.seed + i``, so
+    a prefix cache never serves one level's prompts from an earlier level."""
+    return [await run_load(target, replace(workload, seed=workload.seed + i), c)
+            for i, c in enumerate(concurrencies)]
+
+
+def format_table(results: list[LoadResult]) -> str:
+    """A markdown table of results, one row per load level."""
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:,.1f}"
+
+    lines = ["| concurrency | ok | failed | output tok/s | req/s | TTFT p50 / p90 / p99 ms "
+             "| ITL p50 / p99 ms | E2E p50 / p99 ms |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        t, i, e = r.ttft_ms, r.itl_ms, r.e2e_ms
+        lines.append(f"| {r.concurrency} | {r.requests_ok} | {r.requests_failed} "
+                     f"| {r.output_tok_s:,.1f} | {r.requests_s:,.2f} "
+                     f"| {ms(t['p50'])} / {ms(t['p90'])} / {ms(t['p99'])} "
+                     f"| {ms(i['p50'])} / {ms(i['p99'])} | {ms(e['p50'])} / {ms(e['p99'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Sweep an HTTP endpoint; exits 1 when some level had no successful request."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", required=True)
+    p.add_argument("--api-key")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=64, help="measured requests per level")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured requests before each level")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--completions", action="store_true", help="/v1/completions, not chat")
+    p.add_argument("--json", help="write the workload and results here")
+    args = p.parse_args(argv)
+    workload = Workload(requests=args.requests, prompt_tokens=args.prompt_tokens,
+                        max_tokens=args.max_tokens, chat=not args.completions,
+                        warmup=args.warmup, seed=args.seed)
+
+    async def run() -> list[LoadResult]:
+        async with HttpTarget(args.url, args.model, args.api_key,
+                              max_connections=max(args.concurrency)) as target:
+            return await sweep(target, workload, args.concurrency)
+
+    results = asyncio.run(run())
+    print(f"{args.url} model {args.model}: {workload}\n\n{format_table(results)}")
+    for r in results:
+        if r.errors:
+            print(f"concurrency {r.concurrency} errors: {r.errors}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"url": args.url, "model": args.model, "workload": asdict(workload),
+                       "results": [r.to_dict() for r in results]}, f, indent=2)
+    return 1 if any(r.requests_ok == 0 for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

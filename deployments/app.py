@@ -1,0 +1,36 @@
+"""The Serve application: ``cluster.yaml`` points ``import_path`` at ``build_app``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from mlx_serving.deployments.llm_server import LLMServer
+from mlx_serving.deployments.router import Router
+from mlx_serving.deployments.settings import AppConfig
+from mlx_serving.deployments.telemetry import Telemetry
+from mlx_serving.engine.blas import preload_env
+
+
+def server_deployment_name(variant: str) -> str:
+    return f"LLMServer-{variant}"
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Router + one LLMServer deployment per variant + Telemetry, from validated ``args``."""
+    config = AppConfig.model_validate(args)
+    telemetry = Telemetry.bind()
+    servers = {}
+    for name, variant in config.variants.items():
+        options = dict(variant.deployment)
+        actor = dict(options.pop("ray_actor_options", {"num_cpus": 0.5}))
+        # OpenBLAS must be preloaded when the replica process starts (Linux CPU backend).
+        env = {**preload_env(), **actor.get("runtime_env", {}).get("env_vars", {})}
+        if env:
+            actor["runtime_env"] = {**actor.get("runtime_env", {}), "env_vars": env}
+        servers[name] = LLMServer.options(
+            name=server_deployment_name(name), ray_actor_options=actor,
+            user_config=variant.settings.model_dump(), **options,
+        ).bind(name, variant.engine.model_dump(), telemetry)
+    return Router.options(**config.router).bind(config.model_dump(), servers, telemetry)

@@ -1,0 +1,167 @@
+"""LLMServer: one Serve replica owning one Engine (and its models) on one machine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import AsyncIterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from ray import serve
+
+from mlx_serving.deployments.settings import ServerSettings
+from mlx_serving.deployments.telemetry import Reporter, replica_id
+from mlx_serving.deployments.wire import Chunk, TokenInfo
+from mlx_serving.engine import Engine, EngineConfig, GenerationRequest, RequestOutput
+from mlx_serving.engine.blas import is_preloaded
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(
+    name="LLMServer",
+    max_ongoing_requests=64,
+    max_queued_requests=256,
+    health_check_period_s=5,
+    health_check_timeout_s=30,
+    graceful_shutdown_wait_loop_s=1,
+    graceful_shutdown_timeout_s=30,
+    ray_actor_options={"num_cpus": 0.5},
+)
+class LLMServer:
+    """Serves one variant's models from one Engine; streams coalesced chunks to the Router."""
+
+    def __init__(self, variant: str, engine: dict, telemetry=None):
+        self.variant = variant
+        self.engine = Engine(EngineConfig.model_validate(engine))
+        self.settings = ServerSettings()
+        self.replica = replica_id()
+        self._active = 0
+        log.info("LLMServer %s (%s) ready; OpenBLAS preloaded: %s", self.replica, variant,
+                 is_preloaded())
+        self._reporter = None
+        if telemetry is not None:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_EngineCollector(self))
+            self._reporter = Reporter(telemetry, f"llm:{self.replica}", registry).start()
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Apply live settings from ``user_config`` (see ServerSettings)."""
+        self.settings = ServerSettings.model_validate(user_config or {})
+
+    def check_health(self) -> None:
+        if not self.engine.is_healthy():
+            raise RuntimeError("the engine thread is dead or stuck")
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Run one request; yields chunks, each holding every token produced since the last.
+
+        Invalid requests raise the engine's typed errors before the first chunk.
+        """
+        stream = self.engine.submit(request)
+        tokenizer = self.engine.model(request.model).tokenizer
+        self._active += 1
+        try:
+            first = True
+            async for delta in stream:
+                chunk = _to_chunk(delta, tokenizer)
+                if first:
+                    chunk.replica, first = self.replica, False
+                yield chunk
+                if not delta.finished:
+                    await asyncio.sleep(self._chunk_interval())
+        finally:
+            self._active -= 1
+            stream.cancel()  # a no-op when finished; frees the sequence when the client left
+
+    def _chunk_interval(self) -> float:
+        s = self.settings
+        return max(s.chunk_interval_ms / 1000.0, self._active / s.max_chunks_per_s)
+
+    # -- small RPCs for the Router -------------------------------------------------------------------
+    def models(self) -> list[dict]:
+        return [{"id": m.name, "max_model_len": m.context_length} for m in self.engine.list_models()]
+
+    def ready(self) -> bool:
+        return bool(self.engine.list_models()) and self.engine.is_healthy()
+
+    def info(self) -> dict:
+        return {"replica": self.replica, "variant": self.variant, "pid": os.getpid(),
+                "openblas_preloaded": is_preloaded(), "models": self.models()}
+
+    def tokenize(self, model: str | None, prompt: str | None, messages: list[dict] | None,
+                 add_special_tokens: bool) -> list[int]:
+        loaded = self.engine.model(model)
+        if messages is not None:
+            return loaded.prompt_ids(GenerationRequest(model=model, messages=messages))
+        return loaded.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+
+    def detokenize(self, model: str | None, tokens: list[int]) -> str:
+        loaded = self.engine.model(model)
+        loaded.check_token_ids(tokens, "tokens")
+        return loaded.tokenizer.decode(tokens)
+
+    def __del__(self):
+        # Serve has already waited for in-flight requests (graceful_shutdown_timeout_s).
+        if self._reporter is not None:
+            self._reporter.stop()
+        self.engine.shutdown(drain_timeout_s=5.0)
+
+
+
+def _to_chunk(delta: RequestOutput, tokenizer) -> Chunk:
+    chunk = Chunk(text=delta.text, num_tokens=len(delta.token_ids))
+    if delta.logprobs is not None:
+        chunk.logprobs = [
+            TokenInfo(tokenizer.decode([lp.token_id]), lp.logprob,
+                      [(tokenizer.decode([t]), v) for t, v in lp.top])
+            for lp in delta.logprobs]
+    if delta.finished:
+        chunk.finish_reason = delta.finish_reason.value
+        chunk.error, chunk.error_code = delta.error, delta.error_code
+        chunk.prompt_tokens = delta.usage.prompt_tokens
+        chunk.completion_tokens = delta.usage.completion_tokens
+        chunk.cached_tokens = delta.usage.cached_tokens
+    return chunk
+
+
+class _EngineCollector:
+    """Engine state as Prometheus metrics, read when the registry is collected."""
+
+    def __init__(self, server: LLMServer):
+        self._server = server
+
+    def collect(self):
+        s = self._server.engine.stats()
+        labels = ["variant", "replica"]
+        values = [self._server.variant, self._server.replica]
+
+        def gauge(name, doc, value):
+            g = GaugeMetricFamily(f"mlx_serving:{name}", doc, labels=labels)
+            g.add_metric(values, value)
+            return g
+
+        def counter(name, doc, value):
+            c = CounterMetricFamily(f"mlx_serving:{name}", doc, labels=labels)
+            c.add_metric(values, value)
+            return c
+
+        yield gauge("num_requests_running", "Sequences in the batch.", s.running)
+        yield gauge("num_requests_waiting", "Requests waiting for admission.", s.waiting)
+        yield gauge("num_requests_paused", "Sequences paused for slow readers.", s.paused)
+        yield gauge("kv_cache_reserved_bytes", "KV memory reserved by admitted requests.",
+                    s.kv_reserved_bytes)
+        yield gauge("kv_cache_budget_bytes", "KV memory budget.", s.kv_budget_bytes)
+        yield gauge("prefix_cache_bytes", "Bytes held by the prefix cache.", s.prefix_cache_bytes)
+        yield gauge("mlx_active_memory_bytes", "MLX active memory.", s.active_memory_bytes)
+        yield gauge("engine_healthy", "1 while the engine thread runs.",
+                    1.0 if self._server.engine.is_healthy() else 0.0)
+        yield counter("prefix_cache_hits", "Requests that reused a cached prefix.",
+                      s.prefix_cache_hits)
+        yield counter("prefix_cache_misses", "Requests that found no cached prefix.",
+                      s.prefix_cache_misses)
+        yield counter("engine_steps", "Batch steps run.", s.steps)
+        yield counter("engine_generation_tokens", "Tokens generated by the engine.",
+                      s.generated_tokens)

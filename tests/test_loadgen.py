@@ -1,0 +1,196 @@
+"""The load generator against a real streaming HTTP server on loopback and a real engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from mlx_serving.bench.loadgen import (EngineTarget, HttpTarget, Workload, format_table, main,
+                                       run_load, sweep)
+from mlx_serving.engine import Engine, EngineConfig, ModelConfig
+
+CHUNKS, TOKENS_PER_CHUNK = 4, 3           # each response: 12 tokens, coalesced 3 to a chunk
+FIRST_DELAY_S, CHUNK_DELAY_S = 0.05, 0.02  # before the first content chunk, between chunks
+TOKENS = CHUNKS * TOKENS_PER_CHUNK
+
+
+@dataclass
+class FakeServer:
+    """An OpenAI-shaped SSE server; requests are numbered in arrival order from 0."""
+
+    url: str = ""
+    fail_500: set[int] = field(default_factory=set)       # these answer HTTP 500
+    error_event: set[int] = field(default_factory=set)    # these stream an error mid-way
+    bodies: list[dict] = field(default_factory=list)
+
+    def reset(self, fail_500=(), error_event=()) -> None:
+        self.fail_500, self.error_event, self.bodies = set(fail_500), set(error_event), []
+
+    async def handle(self, request: Request):
+        body = await request.json()
+        n = len(self.bodies)
+        self.bodies.append(body)
+        if n in self.fail_500:
+            return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, status_code=500)
+        chat = request.url.path.endswith("/chat/completions")
+
+        def chunk(choice: dict | None, usage: dict | None = None) -> str:
+            event = {"id": f"r{n}", "object": "chat.completion.chunk" if chat else "text_completion",
+                     "model": body["model"], "choices": [choice] if choice else [], "usage": usage}
+            return f"data: {json.dumps(event)}\n\n"
+
+        def content(text: str, finish: str | None = None) -> dict:
+            if chat:
+                return {"index": 0, "delta": {"content": text}, "finish_reason": finish}
+            return {"index": 0, "text": text, "finish_reason": finish}
+
+        async def events():
+            if chat:  # a role-only chunk first: carries no token
+                yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+                             "finish_reason": None})
+            await asyncio.sleep(FIRST_DELAY_S)
+            for i in range(CHUNKS):
+                if i:
+                    await asyncio.sleep(CHUNK_DELAY_S)
+                if i == 2 and n in self.error_event:
+                    yield 'data: {"error": {"message": "engine died", "code": "engine_error"}}\n\n'
+                    yield "data: [DONE]\n\n"
+                    return
+                yield chunk(content(" tok" * TOKENS_PER_CHUNK))
+            yield chunk(content("", finish="length"))
+            yield chunk(None, usage={"prompt_tokens": 20, "completion_tokens": TOKENS,
+                                     "total_tokens": 20 + TOKENS})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@pytest.fixture(scope="module")
+def fake_server():
+    fake = FakeServer()
+    app = Starlette(routes=[Route("/v1/chat/completions", fake.handle, methods=["POST"]),
+                            Route("/v1/completions", fake.handle, methods=["POST"])])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    fake.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "the fake server did not start"
+        time.sleep(0.01)
+    yield fake
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture
+def server(fake_server: FakeServer) -> FakeServer:
+    fake_server.reset()
+    return fake_server
+
+
+def http_run(url: str, workload: Workload, concurrency: int):
+    async def go():
+        async with HttpTarget(url, "fake", max_connections=concurrency) as target:
+            return await run_load(target, workload, concurrency)
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_http_counts_tokens_and_times(server, chat):
+    workload = Workload(requests=6, warmup=2, prompt_tokens=16, max_tokens=TOKENS, chat=chat)
+    result = http_run(server.url, workload, concurrency=3)
+
+    assert (result.requests_ok, result.requests_failed, result.errors) == (6, 0, {})
+    assert result.output_tokens == 6 * TOKENS  # the usage total, not the 4 chunks per request
+    assert result.output_tok_s == pytest.approx(result.output_tokens / result.duration_s, rel=0.01)
+    # Warm-up requests reached the server but not the result; every prompt differs.
+    assert len(server.bodies) == 8
+    assert len({b.get("prompt") or b["messages"][0]["content"] for b in server.bodies}) == 8
+    body = server.bodies[0]
+    assert body["stream"] and body["ignore_eos"] and body["stream_options"] == {"include_usage": True}
+    assert body["max_tokens"] == TOKENS and ("messages" in body) == chat
+    # TTFT waits for content, not the role chunk; ITL spreads 3 chunk gaps over 11 tokens.
+    assert FIRST_DELAY_S * 1e3 * 0.9 < result.ttft_ms["p50"] < 1000
+    itl = CHUNK_DELAY_S * 1e3 * (CHUNKS - 1) / (TOKENS - 1)
+    assert itl * 0.5 < result.itl_ms["mean"] < itl * 10
+    assert result.e2e_ms["p50"] >= (FIRST_DELAY_S + 3 * CHUNK_DELAY_S) * 1e3 * 0.9
+    assert set(result.ttft_ms) == {"p50", "p90", "p99", "mean"}
+
+
+def test_http_errors_are_counted_not_raised(server):
+    server.reset(fail_500={0, 3}, error_event={5})  # request 0 is the warm-up
+    result = http_run(server.url, Workload(requests=6, warmup=1, prompt_tokens=8), concurrency=2)
+
+    assert result.errors == {"http_500": 1, "sse_error_engine_error": 1}
+    assert (result.requests_ok, result.requests_failed) == (4, 2)
+    assert result.output_tokens == 4 * TOKENS
+
+
+def test_http_unreachable_server_is_counted():
+    with socket.socket() as sock:  # a port nobody listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    result = http_run(url, Workload(requests=3, warmup=0), concurrency=2)
+
+    assert result.errors == {"ConnectError": 3}
+    assert result.requests_ok == 0 and result.ttft_ms["p50"] is None
+
+
+def test_cli_sweeps_and_writes_json(server, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    code = main(["--url", server.url, "--model", "fake", "--concurrency", "1", "2",
+                 "--requests", "3", "--warmup", "1", "--max-tokens", str(TOKENS),
+                 "--completions", "--json", str(out)])
+
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| concurrency |" in table and "\n| 1 | 3 | 0 |" in table and "\n| 2 | 3 | 0 |" in table
+    saved = json.loads(out.read_text())
+    assert [r["concurrency"] for r in saved["results"]] == [1, 2]
+    assert all(r["output_tokens"] == 3 * TOKENS for r in saved["results"])
+    assert saved["workload"]["chat"] is False
+    # Each level has its own prompts, so no level is served from another's prefix cache.
+    assert len({b["prompt"] for b in server.bodies}) == 8
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_path):
+    engine = Engine(EngineConfig(models=[ModelConfig(name="tiny", path=str(tiny_model_path))]))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_engine_target_generates_every_token(engine, chat):
+    workload = Workload(requests=6, warmup=2, prompt_tokens=24, max_tokens=16, chat=chat)
+    result = asyncio.run(run_load(EngineTarget(engine, "tiny"), workload, concurrency=3))
+
+    assert (result.requests_ok, result.requests_failed) == (6, 0)
+    assert result.output_tokens == 6 * 16  # EOS ignored: every request runs to max_tokens
+    assert result.ttft_ms["p50"] > 0 and result.itl_ms["mean"] > 0
+
+
+def test_engine_target_errors_and_sweep(engine):
+    workload = Workload(requests=2, warmup=0, prompt_tokens=8, max_tokens=4)
+    missing = asyncio.run(run_load(EngineTarget(engine, "missing"), workload, concurrency=2))
+    assert missing.errors == {"ModelNotFoundError": 2} and missing.requests_ok == 0
+
+    results = asyncio.run(sweep(EngineTarget(engine), workload, [1, 2]))
+    assert [(r.concurrency, r.requests_ok, r.output_tokens) for r in results] == [(1, 2, 8), (2, 2, 8)]
+    assert format_table(results).count("\n") == 3
+    json.dumps([r.to_dict() for r in results])
