@@ -96,11 +96,13 @@ class _CommonRequest(_Strict):
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
+        # Raised as InvalidRequestError (not ValueError) so the field is named in the 400.
         for name in _NOT_SUPPORTED_YET:
             if getattr(self, name, None) not in (None, False):
-                raise ValueError(f"{name} is not supported yet")
+                raise InvalidRequestError(f"{name}: not supported yet", param=name)
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise InvalidRequestError("stream_options: only allowed when stream is true",
+                                      param="stream_options")
         return self
 
     @field_validator("stop")

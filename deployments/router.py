@@ -4,7 +4,6 @@ It validates requests, picks the variant, streams chunks from an LLMServer repli
 as OpenAI JSON or SSE, and records per-variant latency metrics.
 """
 
-from __future__ import annotations
 
 import asyncio
 import hmac

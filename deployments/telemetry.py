@@ -15,13 +15,15 @@ import uuid
 import time
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 log = logging.getLogger(__name__)
 
 PUSH_INTERVAL_S = 1.0
+
+disable_created_metrics()  # `_created` series only add noise to every scrape
 STALE_AFTER_S = 10.0
 
 

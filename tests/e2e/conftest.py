@@ -1,0 +1,109 @@
+"""One Ray cluster of two simulated machines for every end-to-end test, with the real
+application deployed on it from ``cluster.yaml`` (test overrides applied) by ``serve run``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SERVE = str(Path(sys.executable).with_name("serve"))
+API_KEY = "test-api-key"
+OPERATOR_TOKEN = "test-operator-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_config(model_path: Path, port: int) -> dict:
+    """cluster.yaml with the tiny model, keys, and one LLMServer replica per machine."""
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    args = app["args"]
+    args["api_keys"] = [API_KEY]
+    args["operator_token"] = OPERATOR_TOKEN
+    args["router"]["num_replicas"] = 2
+    stable = args["variants"]["stable"]
+    stable["engine"]["models"][0]["path"] = str(model_path)
+    stable["deployment"] = {
+        "num_replicas": 2,
+        "max_ongoing_requests": 8,
+        "max_queued_requests": 4,
+        "health_check_period_s": 1,
+        "ray_actor_options": {"num_cpus": 0.5, "resources": {"mac": 1}},
+    }
+    return config
+
+
+class ServeApp:
+    """The deployed application as a client sees it."""
+
+    def __init__(self, address: str, port: int):
+        self.ray_address = address
+        self.url = f"http://127.0.0.1:{port}"
+        self.api_key = API_KEY
+        self.operator_token = OPERATOR_TOKEN
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def metric(self, name: str) -> float:
+        """Sum of a metric's samples over the application (all replicas)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("the application did not become ready")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 2, "resources": {"mac": 1}})
+    cluster.add_node(num_cpus=2, resources={"mac": 1})
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_cluster, tiny_model_path, tmp_path_factory) -> ServeApp:
+    port = free_port()
+    config_path = tmp_path_factory.mktemp("serve") / "cluster.yaml"
+    config_path.write_text(yaml.safe_dump(test_config(tiny_model_path, port)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([SERVE, "run", "--non-blocking", "-a", ray_cluster.address, str(config_path)],
+                   check=True, env=env, cwd=REPO, timeout=300)
+    app = ServeApp(ray_cluster.address, port)
+    app.wait_ready()
+    yield app
+    from ray import serve
+    serve.shutdown()
