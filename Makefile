@@ -20,7 +20,7 @@ endif
 
 # Environment for everything that runs MLX: offline hub, and OpenBLAS preloaded where present
 # (MLX's Linux CPU wheel bundles a reference BLAS ~30x slower for fp32 matmuls).
-RUN_ENV = HF_HUB_OFFLINE=1 $$($(PY) -m mlx_serving.engine.blas --env)
+RUN_ENV = env HF_HUB_OFFLINE=1 $$($(PY) -m mlx_serving.engine.blas --env)
 
 .PHONY: setup run test demo-model clean
 
@@ -49,8 +49,11 @@ endif
 demo-model: setup
 	@$(RUN_ENV) $(PY) -c "from mlx_serving.engine.modelgen import ensure_model; ensure_model('$(DEMO_MODEL)', size='small')"
 
+# Serve the demo model on http://127.0.0.1:8000 (Ctrl-C stops it). RAY_ADDRESS=local starts
+# a fresh local Ray even if another cluster is running; set RAY_ADDRESS to deploy onto one.
+RAY_ADDRESS ?= local
 run: demo-model
-	$(RUN_ENV) $(VENV)/bin/mlx-serving generate $(DEMO_MODEL)
+	$(RUN_ENV) RAY_ADDRESS=$(RAY_ADDRESS) $(VENV)/bin/serve run cluster.yaml
 
 test: setup
 	$(RUN_ENV) $(PY) -m pytest $(PYTEST_ARGS)

@@ -32,13 +32,13 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 
-# Enough text for BPE to reach the target vocabulary: ~256 KB for 1k tokens,
-# 2 MB for 8k; 128k tokens takes the whole standard library (~30 MB).
-TEXT_BYTES_PER_TOKEN = 256
+# Enough text for BPE to reach the target vocabulary: ~256k characters for 1k
+# tokens, 2M for 8k; 128k tokens takes the whole standard library (~30M).
+TEXT_CHARS_PER_TOKEN = 256
 
 
-def stdlib_sources(max_bytes: int) -> Iterator[str]:
-    """Yield the stdlib's ``.py`` files (sorted walk, no site-packages) up to ``max_bytes``."""
+def stdlib_sources(max_chars: int) -> Iterator[str]:
+    """Yield the stdlib's ``.py`` files (sorted walk, no site-packages) up to ``max_chars``."""
     root = sysconfig.get_paths()["stdlib"]
     total = 0
     for dirpath, dirnames, filenames in os.walk(root):
@@ -49,7 +49,7 @@ def stdlib_sources(max_bytes: int) -> Iterator[str]:
             text = Path(dirpath, name).read_text(encoding="utf-8", errors="replace")
             yield text
             total += len(text)
-            if total >= max_bytes:
+            if total >= max_chars:
                 return
 
 
@@ -69,7 +69,7 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(stdlib_sources(vocab_size * TEXT_BYTES_PER_TOKEN), trainer)
+    tokenizer.train_from_iterator(stdlib_sources(vocab_size * TEXT_CHARS_PER_TOKEN), trainer)
     missing = vocab_size - tokenizer.get_vocab_size()
     tokenizer.add_special_tokens([f"<|reserved_special_token_{i}|>" for i in range(missing)])
     assert tokenizer.get_vocab_size() == vocab_size

@@ -68,6 +68,15 @@ class ServeApp:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
+    def replica_actors(self, deployment: str = "LLMServer-stable") -> dict[str, str]:
+        """Replica id -> Ray actor name of a deployment's live replicas."""
+        import ray
+
+        prefix = f"SERVE_REPLICA::mlx-serving#{deployment}#"
+        return {a["name"].removeprefix(prefix): a["name"]
+                for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith(prefix)}
+
     def wait_ready(self, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -13,14 +13,6 @@ APP = "mlx-serving"
 DEPLOYMENT = "LLMServer-stable"
 
 
-def replica_actors() -> dict[str, str]:
-    """Replica id -> actor name of the LLMServer replicas."""
-    prefix = f"SERVE_REPLICA::{APP}#{DEPLOYMENT}#"
-    return {a["name"].removeprefix(prefix): a["name"]
-            for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(prefix)}
-
-
 def active_streams(app) -> list[dict]:
     r = httpx.get(f"{app.url}/admin/streams",
                   headers={"Authorization": f"Bearer {app.operator_token}"}, timeout=10)
@@ -47,11 +39,22 @@ async def read_stream(http: httpx.AsyncClient, app, tokens: int, tag: str) -> di
 
 def test_replicas_land_on_different_nodes(serve_app):
     nodes = set()
-    for name in replica_actors().values():
+    for name in serve_app.replica_actors().values():
         actor = ray.get_actor(name, namespace="serve")
         nodes.add(ray.get(actor.__ray_call__.remote(
             lambda self: ray.get_runtime_context().get_node_id())))
     assert len(nodes) == 2
+
+
+def test_openblas_preload_reaches_the_replicas(serve_app):
+    """make/cluster.yaml set LD_PRELOAD for the shell; Ray starts replicas itself."""
+    from ray import serve
+
+    from mlx_serving.engine.blas import openblas_path
+
+    handle = serve.get_deployment_handle(DEPLOYMENT, app_name=APP)
+    info = handle.info.remote().result(timeout_s=30)
+    assert info["openblas_preloaded"] == (openblas_path() is not None)
 
 
 def test_concurrent_requests_use_both_replicas_and_survive_a_replica_kill(serve_app):
@@ -71,7 +74,7 @@ def test_concurrent_requests_use_both_replicas_and_survive_a_replica_kill(serve_
             assert len(serving) == 2, streams  # both replicas serve concurrent requests
             victim = sorted(serving)[0]
             on_victim = sum(s["replica"] == victim for s in streams)
-            ray.kill(ray.get_actor(replica_actors()[victim], namespace="serve"), no_restart=True)
+            ray.kill(ray.get_actor(serve_app.replica_actors()[victim], namespace="serve"), no_restart=True)
             # Streams on the killed replica end with an error event; the others run on.
             # Cancel the survivors once the victims are accounted for.
             finished = []
@@ -93,11 +96,11 @@ def test_concurrent_requests_use_both_replicas_and_survive_a_replica_kill(serve_
     # Serve replaces the replica; requests succeed again and both replicas serve.
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        replicas = replica_actors()
+        replicas = serve_app.replica_actors()
         if len(replicas) == 2 and victim not in replicas:
             break
         time.sleep(0.5)
-    assert len(replica_actors()) == 2 and victim not in replica_actors()
+    assert len(serve_app.replica_actors()) == 2 and victim not in serve_app.replica_actors()
     serve_app.wait_ready()
     ok = 0
     for i in range(6):

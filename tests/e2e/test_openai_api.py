@@ -205,12 +205,14 @@ def test_metrics_cover_every_replica(serve_app, client):
     for _ in range(6):
         client.completions.create(model="demo", prompt="hi", max_tokens=2)
     time.sleep(2.5)  # replicas push their registries every second
-    replicas = set()
-    for _ in range(10):
+    live = set(serve_app.replica_actors())
+    for _ in range(10):  # several scrapes: they land on either Router replica
         text = httpx.get(f"{serve_app.url}/metrics").text
-        replicas |= {line.split('replica="')[1].split('"')[0] for line in text.splitlines()
-                     if line.startswith("mlx_serving:num_requests_running{")}
-    assert len(replicas) == 2  # both LLMServer replicas, from any scrape
+        reported = {line.split('replica="')[1].split('"')[0] for line in text.splitlines()
+                    if line.startswith("mlx_serving:num_requests_running{")}
+        # A replica killed by another test may linger for a few seconds; live ones never miss.
+        assert live <= reported, (live, reported)
+    assert len(live) == 2
 
 
 def test_admin_streams_requires_operator_token(serve_app):

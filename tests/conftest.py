@@ -1,0 +1,30 @@
+"""Shared fixtures. Random-weight models are built once into ``<repo>/.cache/models``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODEL_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "models"
+
+
+def cached_model(arch: str = "llama", size: str = "tiny", dtype: str = "float32", seed: int = 0) -> Path:
+    """A generated model folder under MODEL_CACHE, made on first use and reused across runs."""
+    from mlx_serving.engine.modelgen import ensure_model
+
+    path = MODEL_CACHE / f"{arch}-{size}-{dtype}-s{seed}"
+    return ensure_model(path, arch=arch, size=size, dtype=dtype, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> Path:
+    return cached_model()
+
+
+@pytest.fixture(scope="session")
+def small_model_path() -> Path:
+    return cached_model(size="small")
