@@ -97,6 +97,11 @@ def bench(model_path: str, concurrencies: list[int], prompt_tokens: int, max_tok
         run_engine(engine, warm, 8)
         for n in concurrencies:
             raw, eng = [], []
+            # An untimed pass of each side at this batch size first: MLX compiles kernels
+            # per shape on first use, and that must not land on whichever side runs first.
+            level_warm = make_prompts(n, prompt_tokens, vocab, seed=1000 + n)
+            run_raw(model, level_warm, 8, batch_size)
+            run_engine(engine, level_warm, 8)
             for r in range(repeats):
                 prompts = make_prompts(n, prompt_tokens, vocab, seed=r)
                 raw.append(run_raw(model, prompts, max_tokens, batch_size))
@@ -122,16 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--switch-interval-ms", type=float, default=None,
+                   help="set sys.setswitchinterval (GIL hand-off) for the run")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     results = bench(args.model, args.concurrency, args.prompt_tokens, args.max_tokens, args.repeats)
     print(f"\nmachine: {machine()}\nmodel: {args.model}; {args.prompt_tokens}-token prompts, "
           f"{args.max_tokens} new tokens, median of {args.repeats}\n")
-    print("| concurrent | raw BatchGenerator tok/s | engine tok/s | engine ÷ raw |")
+    print("| concurrent | raw BatchGenerator tok/s (min–max) | engine tok/s (min–max) | engine ÷ raw |")
     print("|---|---|---|---|")
     for r in results:
-        print(f"| {r.concurrency} | {r.raw_tok_s:,.1f} | {r.engine_tok_s:,.1f} | {r.ratio:.3f} |")
+        print(f"| {r.concurrency} | {r.raw_tok_s:,.0f} ({min(r.raw_runs):,.0f}–{max(r.raw_runs):,.0f}) "
+              f"| {r.engine_tok_s:,.0f} ({min(r.engine_runs):,.0f}–{max(r.engine_runs):,.0f}) "
+              f"| {r.ratio:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "model": args.model, "args": vars(args),

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/BENCHMARKS.md: engine vs raw BatchGenerator on Llama-1B and 8B-shaped
+# random models (bf16), and HTTP through Ray Serve vs the engine in-process (1B).
+# Models are generated on the machine itself (too large to carry).
+#
+#   bash bench/gpu_suite.sh OUTDIR STEP...      STEP: tiny | 1b | 8b | serve-1b | serve-tiny
+#
+# Environment: PYTHON (default python3), MODELS (default /tmp/mlx-serving-models).
+set -euo pipefail
+out=${1:?usage: gpu_suite.sh OUTDIR STEP...}; shift
+py=${PYTHON:-python3}
+models=${MODELS:-/tmp/mlx-serving-models}
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+mkdir -p "$out" "$models"
+
+model() {  # model SIZE -> path of a bf16 llama of that size, generated if missing
+  local path="$models/llama-$1-bfloat16"
+  [ -f "$path/config.json" ] || "$py" -m mlx_serving.deployments.cli make-model "$path" \
+    --size "$1" --dtype bfloat16 >&2
+  echo "$path"
+}
+
+for step in "$@"; do
+  case $step in
+    tiny|1b|8b)
+      path=$(model "$step")
+      "$py" -m mlx_serving.bench.engine --model "$path" --concurrency 1 8 32 64 128 \
+        --json "$out/engine-$step.json" | tee "$out/engine-$step.md" ;;
+    serve-*)
+      size=${step#serve-}
+      path=$(model "$size")
+      "$py" -m mlx_serving.bench.serve --model "$path" --concurrency 1 8 32 64 \
+        --max-batch-size 64 --json "$out/serve-$size.json" | tee "$out/serve-$size.md" ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
