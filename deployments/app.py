@@ -7,6 +7,7 @@ from typing import Any
 from ray.serve import Application
 
 from mlx_serving.deployments.llm_server import LLMServer
+from mlx_serving.deployments.rollout_controller import RolloutController
 from mlx_serving.deployments.router import Router
 from mlx_serving.deployments.settings import AppConfig
 from mlx_serving.deployments.telemetry import Telemetry
@@ -18,9 +19,13 @@ def server_deployment_name(variant: str) -> str:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Router + one LLMServer deployment per variant + Telemetry, from validated ``args``."""
+    """Router + one LLMServer deployment per variant + Telemetry + RolloutController."""
     config = AppConfig.model_validate(args)
     telemetry = Telemetry.bind()
+    # The controller's state lives on the head node's disk: pin it there.
+    controller = RolloutController.options(ray_actor_options={
+        "num_cpus": 0.05, "resources": {"node:__internal_head__": 0.001}},
+    ).bind(config.model_dump())
     servers = {}
     for name, variant in config.variants.items():
         options = dict(variant.deployment)
@@ -33,4 +38,5 @@ def build_app(args: dict[str, Any]) -> Application:
             name=server_deployment_name(name), ray_actor_options=actor,
             user_config=variant.settings.model_dump(), **options,
         ).bind(name, variant.engine.model_dump(), telemetry)
-    return Router.options(**config.router).bind(config.model_dump(), servers, telemetry)
+    return Router.options(**config.router).bind(config.model_dump(), servers, telemetry,
+                                                controller)

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=_generate)
+
+    from mlx_serving.deployments.canary_cli import add_parsers
+    add_parsers(sub)
     return parser
 
 

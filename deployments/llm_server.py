@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 from typing import AsyncIterator
 
 from prometheus_client import CollectorRegistry
@@ -16,8 +17,15 @@ from mlx_serving.deployments.telemetry import Reporter, replica_id
 from mlx_serving.deployments.wire import Chunk, TokenInfo
 from mlx_serving.engine import Engine, EngineConfig, GenerationRequest, RequestOutput
 from mlx_serving.engine.blas import is_preloaded
+from mlx_serving.engine.errors import EngineError
 
 log = logging.getLogger(__name__)
+
+
+class InjectedFaultError(EngineError):
+    """A request failed on purpose by fault injection (see FaultConfig)."""
+
+    code = "injected_fault"
 
 
 @serve.deployment(
@@ -60,6 +68,7 @@ class LLMServer:
 
         Invalid requests raise the engine's typed errors before the first chunk.
         """
+        await self._inject_faults()
         stream = self.engine.submit(request)
         tokenizer = self.engine.model(request.model).tokenizer
         self._active += 1
@@ -75,6 +84,13 @@ class LLMServer:
         finally:
             self._active -= 1
             stream.cancel()  # a no-op when finished; frees the sequence when the client left
+
+    async def _inject_faults(self) -> None:
+        fault = self.settings.fault
+        if fault.abort_percent and random.random() * 100 < fault.abort_percent:
+            raise InjectedFaultError(f"fault injection: request aborted on variant {self.variant!r}")
+        if fault.delay_ms and random.random() * 100 < fault.delay_percent:
+            await asyncio.sleep(fault.delay_ms / 1000.0)
 
     def _chunk_interval(self) -> float:
         s = self.settings

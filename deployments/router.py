@@ -28,7 +28,9 @@ from mlx_serving.deployments.protocol import (
     TokenizeRequest, new_id)
 from mlx_serving.deployments.settings import AppConfig
 from mlx_serving.deployments.telemetry import Reporter, replica_id
+from mlx_serving.deployments.traffic import Route, TrafficSplit
 from mlx_serving.deployments.wire import Chunk
+from mlx_serving.engine.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +83,28 @@ class _Metrics:
 
 
 class _Call:
-    """One engine request on its way through an LLMServer: timing, metrics, admin view."""
+    """One engine request on its way through an LLMServer: timing, metrics, admin view and
+    the rollout sample it yields."""
 
-    def __init__(self, router: "Router", variant: str, stream: ActiveStream, started: float):
-        self.router, self.variant, self.stream = router, variant, stream
+    def __init__(self, router: "Router", route: Route, stream: ActiveStream, started: float):
+        self.router, self.route, self.stream = router, route, stream
+        self.variant = route.variant
         self.started = started
-        self.last = None
+        self.first = self.last = None
+        self.done = False
+
+    def finish(self, error: bool) -> None:
+        """Record the request's sample for the rollout (once)."""
+        if self.done:
+            return
+        self.done = True
+        now = time.perf_counter()
+        tokens = self.stream.tokens
+        itl = ((self.last - self.first) / (tokens - 1)
+               if self.first is not None and tokens > 1 else None)
+        self.router._traffic.record(
+            self.route, ttft_s=None if self.first is None else self.first - self.started,
+            itl_s=itl, e2e_s=now - self.started, error=error)
 
     def observe(self, chunk: Chunk) -> None:
         now = time.perf_counter()
@@ -95,6 +113,7 @@ class _Call:
             self.stream.replica = chunk.replica
         if chunk.num_tokens:
             if self.last is None:
+                self.first = now
                 m.ttft.labels(*labels).observe(now - self.started)
             else:
                 m.itl.labels(*labels).observe((now - self.last) / chunk.num_tokens)
@@ -104,6 +123,7 @@ class _Call:
             m.e2e.labels(*labels).observe(now - self.started)
             m.prompt_tokens.labels(*labels).inc(chunk.prompt_tokens)
             m.generation_tokens.labels(*labels).inc(chunk.completion_tokens)
+            self.finish(error=chunk.finish_reason == "error")
 
 
 @serve.deployment(name="Router", num_replicas=2, max_ongoing_requests=512,
@@ -112,10 +132,12 @@ class _Call:
 class Router:
     """OpenAI-compatible ingress in front of the variants' LLMServer deployments."""
 
-    def __init__(self, config: dict, servers: dict, telemetry=None):
+    def __init__(self, config: dict, servers: dict, telemetry=None, controller=None):
         self.config = AppConfig.model_validate(config)
         self._servers = servers
         self._telemetry = telemetry
+        self._controller = controller
+        self._traffic = TrafficSplit(controller, self.config.stable)
         env_keys = [k for k in os.environ.get("MLX_SERVING_API_KEYS", "").split(",") if k]
         self._api_keys = [k.encode() for k in self.config.api_keys + env_keys]
         token = self.config.operator_token or os.environ.get("MLX_SERVING_OPERATOR_TOKEN")
@@ -195,25 +217,33 @@ class Router:
             self._models[variant] = (time.monotonic(), models)
         return models
 
-    async def _resolve(self, model: str) -> tuple[str, str]:
-        """(variant, model name) serving the requested model."""
-        variant = self.config.stable
-        names = [m["id"] for m in await self._served_models(variant)]
-        if model not in names:
-            raise HTTPError(404, f"the model {model!r} does not exist; served: {names}",
-                            type="not_found_error", param="model", code="model_not_found")
-        return variant, model
+    async def _served_names(self, variant: str) -> list[str]:
+        return [m["id"] for m in await self._served_models(variant)]
 
-    async def _start(self, variant: str, engine_request) -> tuple[Any, Chunk, _Call]:
+    async def _resolve(self, model: str, key: str = "") -> tuple[Route, str]:
+        """The route for a request (sticky ``key``) and the model name it asks for."""
+        route = self._traffic.route(key)
+        if model in await self._served_names(route.variant):
+            return route, model
+        stable = self._traffic.table["stable"]
+        names = await self._served_names(stable)
+        if route.variant != stable and model in names:
+            return Route(stable, None, route.epoch), model  # the canary lacks it: no sample
+        raise HTTPError(404, f"the model {model!r} does not exist; served: {names}",
+                        type="not_found_error", param="model", code="model_not_found")
+
+    async def _start(self, route: Route, engine_request) -> tuple[Any, Chunk, _Call]:
         """Send one engine request; returns its stream and first chunk (errors raise here)."""
-        handle = self._servers[variant].options(stream=True)
-        stream = ActiveStream(engine_request.request_id, variant, engine_request.model)
-        call = _Call(self, variant, stream, time.perf_counter())
+        handle = self._servers[route.variant].options(stream=True)
+        stream = ActiveStream(engine_request.request_id, route.variant, engine_request.model)
+        call = _Call(self, route, stream, time.perf_counter())
         gen = handle.generate.remote(engine_request)
         try:
             first = await gen.__anext__()
-        except BaseException:
+        except BaseException as exc:
             gen.cancel()
+            if not isinstance(exc, (InvalidRequestError, asyncio.CancelledError)):
+                call.finish(error=True)
             raise
         self._active[stream.request_id] = stream
         call.observe(first)
@@ -230,6 +260,11 @@ class Router:
                 yield chunk
                 if chunk.finished:
                     return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            call.finish(error=True)
+            raise
         finally:
             gen.cancel()
             self._active.pop(call.stream.request_id, None)
@@ -264,11 +299,11 @@ class Router:
             for t in tasks:
                 t.cancel()
 
-    async def _begin(self, variant: str, engine_requests: list) -> list:
+    async def _begin(self, route: Route, engine_requests: list) -> list:
         started = []
         try:
             for r in engine_requests:
-                started.append(await self._start(variant, r))
+                started.append(await self._start(route, r))
         except BaseException:
             for gen, _, call in started:
                 gen.cancel()
@@ -290,13 +325,15 @@ class Router:
 
     async def _complete(self, request: Request, model_cls, chat: bool) -> Response:
         endpoint = "chat" if chat else "completions"
-        variant = self.config.stable
+        variant, key = self._traffic.table["stable"], ""
         try:
             self._check_api_key(request)
             body = self._parse(model_cls, await self._read_json(request))
-            variant, model = await self._resolve(body.model)
+            key = TrafficSplit.request_key(body.user, request.headers.get("x-session-id"))
+            route, model = await self._resolve(body.model, key)
+            variant = route.variant
             engine_requests = body.to_engine(model)
-            started = await self._begin(variant, engine_requests)
+            started = await self._begin(route, engine_requests)
         except Exception as exc:
             err = to_http_error(exc)
             self._outcome(variant, endpoint, f"http_{err.status}")
@@ -309,8 +346,18 @@ class Router:
             events = self._stream_events(started, meta, chat, include_usage, n_per_prompt,
                                          variant, endpoint)
             return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return await self._whole_response(started, meta, chat, n_per_prompt, variant, endpoint)
+                                     headers={"Cache-Control": "no-cache", **self._tags(route, key)})
+        response = await self._whole_response(started, meta, chat, n_per_prompt, variant, endpoint)
+        response.headers.update(self._tags(route, key))
+        return response
+
+    def _tags(self, route: Route, key: str) -> dict[str, str]:
+        """Response headers naming the variant and the feature flags this request got."""
+        tags = {"x-mlx-serving-variant": route.variant}
+        flags = self._traffic.enabled_flags(key, route.variant)
+        if flags:
+            tags["x-mlx-serving-flags"] = ",".join(flags)
+        return tags
 
     async def _whole_response(self, started, meta, chat, n_per_prompt, variant, endpoint):
         choices = [Choice() for _ in started]
@@ -385,20 +432,27 @@ class Router:
     async def list_models(self, request: Request) -> Response:
         try:
             self._check_api_key(request)
-            models = await self._served_models(self.config.stable)
+            models = await self._served_models(self._traffic.table["stable"])
         except Exception as exc:
             err = to_http_error(exc)
             return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
         cards = [ModelCard(id=m["id"], max_model_len=m["max_model_len"]) for m in models]
         return JSONResponse(ModelList(data=cards).model_dump())
 
+    async def _variant_for(self, model: str | None) -> tuple[str, str | None]:
+        """Tokenizer requests go to the stable variant."""
+        stable = self._traffic.table["stable"]
+        if model is not None and model not in await self._served_names(stable):
+            raise HTTPError(404, f"the model {model!r} does not exist", type="not_found_error",
+                            param="model", code="model_not_found")
+        return stable, model
+
     @app.post("/tokenize")
     async def tokenize(self, request: Request) -> Response:
         try:
             self._check_api_key(request)
             body = self._parse(TokenizeRequest, await self._read_json(request))
-            variant, model = await self._resolve(body.model) if body.model else (
-                self.config.stable, None)
+            variant, model = await self._variant_for(body.model)
             messages = ([{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
                         if body.messages is not None else None)
             tokens = await self._servers[variant].tokenize.remote(
@@ -413,8 +467,7 @@ class Router:
         try:
             self._check_api_key(request)
             body = self._parse(DetokenizeRequest, await self._read_json(request))
-            variant, model = await self._resolve(body.model) if body.model else (
-                self.config.stable, None)
+            variant, model = await self._variant_for(body.model)
             text = await self._servers[variant].detokenize.remote(model, body.tokens)
             return JSONResponse({"prompt": text})
         except Exception as exc:
@@ -430,7 +483,7 @@ class Router:
     async def ready(self) -> Response:
         try:
             ok = await asyncio.wait_for(
-                self._servers[self.config.stable].ready.remote(), timeout=10)
+                self._servers[self._traffic.table["stable"]].ready.remote(), timeout=10)
         except Exception as exc:
             return JSONResponse({"status": "not ready", "reason": repr(exc)}, status_code=503)
         return JSONResponse({"status": "ready" if ok else "not ready"},
@@ -457,6 +510,81 @@ class Router:
             streams = await self._telemetry.streams.remote()
         return JSONResponse({"streams": streams, "count": len(streams)})
 
+    # -- canary rollouts (operators) ----------------------------------------------------------------
+    async def _admin(self, request: Request, method: str, *args, **kwargs) -> Response:
+        """Run an operator command on the RolloutController and answer with its result."""
+        try:
+            self._check_operator(request)
+            if self._controller is None:
+                raise HTTPError(404, "this application has no rollout controller",
+                                type="not_found_error", code="no_controller")
+            result = await getattr(self._controller, method).remote(*args, **kwargs)
+            await self._traffic.refresh()
+            return JSONResponse(result)
+        except Exception as exc:
+            err = to_http_error(exc)
+            return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+
+    async def _admin_body(self, request: Request) -> dict:
+        raw = await request.body()
+        if not raw:
+            return {}
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise bad_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise bad_request("the body must be a JSON object")
+        return body
+
+    @app.get("/admin/canary/status")
+    async def canary_status(self, request: Request) -> Response:
+        return await self._admin(request, "status")
+
+    @app.get("/admin/canary/history")
+    async def canary_history(self, request: Request, limit: int = 50) -> Response:
+        return await self._admin(request, "history", limit)
+
+    @app.post("/admin/canary/{action}")
+    async def canary_command(self, request: Request, action: str) -> Response:
+        try:
+            self._check_operator(request)
+            body = await self._admin_body(request)
+        except HTTPError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        if action == "start":
+            if not isinstance(body.get("variant"), str):
+                err = bad_request("variant: required", "variant")
+                return JSONResponse(err.body(), status_code=400)
+            return await self._admin(request, "start", body["variant"], body.get("plan"))
+        if action == "promote":
+            return await self._admin(request, "promote", bool(body.get("full", False)))
+        if action in ("pause", "rollback"):
+            return await self._admin(request, action, str(body.get("reason") or "operator"))
+        if action == "resume":
+            return await self._admin(request, "resume")
+        err = HTTPError(404, f"unknown canary action {action!r}", type="not_found_error",
+                        param="action", code="unknown_action")
+        return JSONResponse(err.body(), status_code=404)
+
+    @app.get("/admin/flags")
+    async def flags(self, request: Request) -> Response:
+        return await self._admin(request, "flags")
+
+    @app.put("/admin/flags/{name}")
+    async def set_flag(self, request: Request, name: str) -> Response:
+        try:
+            self._check_operator(request)
+            body = await self._admin_body(request)
+        except HTTPError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        return await self._admin(request, "set_flag", {**body, "name": name})
+
+    @app.delete("/admin/flags/{name}")
+    async def delete_flag(self, request: Request, name: str) -> Response:
+        return await self._admin(request, "delete_flag", name)
+
     def __del__(self):
+        self._traffic.stop()
         if self._reporter is not None:
             self._reporter.stop()

@@ -9,10 +9,28 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mlx_serving.engine.config import EngineConfig
 
 
+class FaultConfig(BaseModel):
+    """Fault injection for chaos tests and drills (Envoy's fault filter is the model).
+
+    Off by default. ``delay_ms`` is added before the first token of ``delay_percent`` of
+    requests; ``abort_percent`` of requests fail with an error instead of being served.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    delay_ms: float = Field(default=0.0, ge=0, description="Added latency before the first token.")
+    delay_percent: float = Field(default=100.0, ge=0, le=100,
+                                 description="Share of requests that get the delay.")
+    abort_percent: float = Field(default=0.0, ge=0, le=100,
+                                 description="Share of requests failed on purpose.")
+
+
 class ServerSettings(BaseModel):
     """LLMServer settings that can change live (Serve ``user_config`` → ``reconfigure``)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    fault: FaultConfig = Field(default_factory=FaultConfig, description="Fault injection (drills).")
 
     chunk_interval_ms: float = Field(
         default=10.0, ge=0,
@@ -43,6 +61,21 @@ class VariantConfig(BaseModel):
         return self
 
 
+class CanaryConfig(BaseModel):
+    """Where the rollout controller keeps its state, and the plan `canary start` uses."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state_dir: str = Field(default="~/.mlx-serving/canary",
+                           description="Folder on the head node for the rollout state, audit "
+                                       "log and flags (atomic writes).")
+    plan: dict[str, Any] = Field(default_factory=dict,
+                                 description="Default RolloutPlan for `canary start` (empty: "
+                                             "the built-in 5% → 25% → 50% → 100% plan).")
+    tick_interval_s: float = Field(default=0.5, gt=0,
+                                   description="How often the controller evaluates the rollout.")
+
+
 class AppConfig(BaseModel):
     """The whole application (``args`` of the application in ``cluster.yaml``)."""
 
@@ -60,6 +93,7 @@ class AppConfig(BaseModel):
     max_body_bytes: int = Field(default=4 * 2**20, gt=0, description="Largest request body.")
     router: dict[str, Any] = Field(
         default_factory=dict, description="Ray Serve deployment options for the Router.")
+    canary: CanaryConfig = Field(default_factory=CanaryConfig)
 
     @model_validator(mode="after")
     def _stable_exists(self):

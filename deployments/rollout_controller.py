@@ -1,0 +1,228 @@
+"""RolloutController: the one replica that owns the canary rollout.
+
+It runs the rollout state machine from ``mlx_serving.canary``, gathers samples from every
+Router replica, persists its state (atomic writes) and an audit log of every decision, and
+publishes the routing table that Routers follow (long-poll, so a rollback reaches them
+within one routing update). Operator commands arrive through the Router's /admin API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from mlx_serving.canary import (Arm, AuditLog, Flag, FlagSet, Phase, Rollout, RolloutPlan,
+                                Sample, SampleSet, StateStore)
+from mlx_serving.canary.store import write_json_atomic, read_json
+from mlx_serving.deployments.errors import HTTPError, bad_request
+from mlx_serving.deployments.settings import AppConfig
+
+log = logging.getLogger(__name__)
+
+_ACTIVE = (Phase.PROGRESSING, Phase.PAUSED)
+
+
+def _conflict(message: str) -> HTTPError:
+    return HTTPError(409, message, type="conflict_error", code="rollout_conflict")
+
+
+@serve.deployment(name="RolloutController", num_replicas=1, max_ongoing_requests=10_000,
+                  ray_actor_options={"num_cpus": 0.05})
+class RolloutController:
+    """Owns the rollout state machine, its samples, its persisted state and the routing table."""
+
+    def __init__(self, config: dict):
+        cfg = AppConfig.model_validate(config)
+        self._variants = set(cfg.variants)
+        self._config_stable = cfg.stable
+        self._canary_cfg = cfg.canary
+        root = Path(cfg.canary.state_dir).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        self._store = StateStore(root / "rollout.json")
+        self._audit = AuditLog(root / "audit.jsonl")
+        self._flags_path = root / "flags.json"
+        state = self._store.load()
+        self._rollout = Rollout(state) if state is not None else None
+        flags = read_json(self._flags_path)
+        self._flags = FlagSet.from_dict(flags) if flags else FlagSet()
+        self._arms = {Arm.STABLE: SampleSet(), Arm.CANARY: SampleSet()}
+        self._version = 0
+        self._changed: asyncio.Event | None = None
+        self._ticker: asyncio.Task | None = None
+
+    # -- routing ------------------------------------------------------------------------------------
+    def _effective_stable(self) -> str:
+        """The variant that is stable now.
+
+        After a full promotion the persisted state names the canary as stable; that holds
+        across restarts and redeploys of an unchanged config. An operator who changes the
+        config's stable variant (as the runbook says to) makes the config win again.
+        """
+        st = self._rollout.state if self._rollout else None
+        if (st is not None and st.phase is Phase.PROMOTED and st.stable == self._config_stable
+                and st.effective_stable in self._variants):
+            return st.effective_stable
+        return self._config_stable
+
+    def _table(self) -> dict:
+        st = self._rollout.state if self._rollout else None
+        active = st is not None and st.phase in _ACTIVE
+        return {"version": self._version,
+                "rollout_id": st.rollout_id if st else None,
+                "stable": self._effective_stable(),
+                "canary": st.canary if active else None,
+                "weight": st.canary_weight if active else 0.0,
+                "epoch": st.stage_epoch if st else 0,
+                "flags": self._flags.to_dict()}
+
+    def _publish(self) -> None:
+        self._version += 1
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    def _ensure_ticking(self) -> None:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    async def routing(self) -> dict:
+        self._ensure_ticking()
+        return self._table()
+
+    async def wait_for_change(self, version: int, timeout_s: float) -> dict:
+        """Long-poll: returns the table once its version differs from ``version``."""
+        self._ensure_ticking()
+        if version == self._version:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return self._table()
+
+    # -- samples and ticking --------------------------------------------------------------------------
+    async def record(self, batch: list[dict]) -> int:
+        """Samples from a Router; those of another stage or rollout are dropped."""
+        self._ensure_ticking()
+        st = self._rollout.state if self._rollout else None
+        if st is None or st.phase is not Phase.PROGRESSING:
+            return 0
+        kept = 0
+        for s in batch:
+            if s["epoch"] != st.stage_epoch:
+                continue
+            arm = Arm(s["arm"])
+            self._arms[arm].append(Sample(arm=arm, ttft_s=s["ttft_s"], itl_s=s["itl_s"],
+                                          e2e_s=s["e2e_s"], error=s["error"]))
+            kept += 1
+        return kept
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._canary_cfg.tick_interval_s)
+            try:
+                self.tick(time.time())
+            except Exception:  # keep ticking; the audit log shows what happened before
+                log.exception("rollout tick failed")
+
+    def tick(self, now: float) -> None:
+        if self._rollout is None or self._rollout.state.phase is not Phase.PROGRESSING:
+            return
+        decisions = self._rollout.advance(now, self._arms[Arm.STABLE], self._arms[Arm.CANARY])
+        if decisions:
+            self._commit(decisions)
+
+    def _commit(self, decisions) -> None:
+        """Persist the state and the decisions, start fresh samples if the stage changed."""
+        epoch_before = getattr(self, "_epoch", None)
+        st = self._rollout.state
+        self._store.save(st)
+        for d in decisions:
+            self._audit.append(d)
+        if st.stage_epoch != epoch_before:
+            self._arms = {Arm.STABLE: SampleSet(), Arm.CANARY: SampleSet()}
+            self._epoch = st.stage_epoch
+        self._publish()
+
+    # -- operator commands ----------------------------------------------------------------------------
+    def status(self) -> dict:
+        st = self._rollout.state if self._rollout else None
+        return {"rollout": st.to_dict() if st else None,
+                "routing": self._table(),
+                "samples": {"stable": len(self._arms[Arm.STABLE]),
+                            "canary": len(self._arms[Arm.CANARY])},
+                "variants": sorted(self._variants),
+                "config_stable": self._config_stable}
+
+    def history(self, limit: int = 50) -> list[dict]:
+        return self._audit.tail(limit)
+
+    def start(self, variant: str, plan: dict | None = None) -> dict:
+        if variant not in self._variants:
+            raise bad_request(f"variant: {variant!r} is not declared in cluster.yaml; "
+                              f"declared: {sorted(self._variants)}", "variant")
+        stable = self._effective_stable()
+        if variant == stable:
+            raise bad_request(f"variant: {variant!r} is already the stable variant", "variant")
+        if self._rollout is not None and self._rollout.state.phase in _ACTIVE:
+            raise _conflict("a rollout is already in progress; promote or roll it back first")
+        try:
+            rollout_plan = RolloutPlan.model_validate(plan or self._canary_cfg.plan)
+        except Exception as exc:
+            raise bad_request(f"plan: {exc}", "plan") from None
+        self._rollout, decisions = Rollout.start(uuid.uuid4().hex[:12], stable, variant,
+                                                 rollout_plan, time.time())
+        self._epoch = None
+        self._commit(decisions)
+        return self.status()
+
+    def _command(self, action: str, **kwargs) -> dict:
+        if self._rollout is None:
+            raise _conflict("no rollout has been started")
+        try:
+            decisions = getattr(self._rollout, action)(time.time(), **kwargs)
+        except ValueError as exc:  # the state machine refuses this transition now
+            raise _conflict(str(exc)) from None
+        self._commit(decisions)
+        return self.status()
+
+    def pause(self, reason: str = "operator") -> dict:
+        return self._command("pause", reason=reason)
+
+    def resume(self) -> dict:
+        return self._command("resume")
+
+    def promote(self, full: bool = False) -> dict:
+        return self._command("promote", full=full)
+
+    def rollback(self, reason: str = "operator") -> dict:
+        return self._command("rollback", reason=reason)
+
+    # -- feature flags --------------------------------------------------------------------------------
+    def flags(self) -> dict:
+        return self._flags.to_dict()
+
+    def set_flag(self, flag: dict[str, Any]) -> dict:
+        try:
+            self._flags.set(Flag.model_validate(flag) if hasattr(Flag, "model_validate")
+                            else Flag(**flag))
+        except (TypeError, ValueError) as exc:
+            raise bad_request(f"flag: {exc}", "flag") from None
+        write_json_atomic(self._flags_path, self._flags.to_dict())
+        self._publish()
+        return self._flags.to_dict()
+
+    def delete_flag(self, name: str) -> dict:
+        if not self._flags.remove(name):
+            raise HTTPError(404, f"no flag named {name!r}", type="not_found_error", param="name",
+                            code="flag_not_found")
+        write_json_atomic(self._flags_path, self._flags.to_dict())
+        self._publish()
+        return self._flags.to_dict()

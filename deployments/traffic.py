@@ -1,0 +1,118 @@
+"""The Router's side of a rollout: which variant a request goes to, and its samples.
+
+Each Router replica keeps a copy of the routing table (stable, canary, weight, epoch) that
+the RolloutController pushes through a long-poll, and sends per-request samples to the
+controller in batches. Without a rollout every request goes to the stable variant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+
+from mlx_serving.canary import FlagSet, routes_to_canary
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL_S = 0.5
+MAX_BUFFERED_SAMPLES = 10_000
+_POLL_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes."""
+
+    variant: str
+    arm: str | None      # "stable" / "canary" while a rollout runs, else None
+    epoch: int
+
+
+class TrafficSplit:
+    """Routing table copy + sample batching for one Router replica."""
+
+    def __init__(self, controller, default_stable: str):
+        self._controller = controller
+        self._table = {"version": -1, "rollout_id": None, "stable": default_stable,
+                       "canary": None, "weight": 0.0, "epoch": 0}
+        self._samples: list[dict] = []
+        self._tasks: list[asyncio.Task] = []
+        self._flags: tuple[int, FlagSet | None] = (-1, None)
+
+    @property
+    def table(self) -> dict:
+        return self._table
+
+    def _ensure_started(self) -> None:
+        if not self._tasks and self._controller is not None:
+            self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._flush())]
+
+    async def refresh(self) -> None:
+        """Fetch the routing table now (e.g. right after an operator command)."""
+        if self._controller is not None:
+            self._table = await self._controller.routing.remote()
+
+    @staticmethod
+    def request_key(user: str | None, session: str | None) -> str:
+        """The sticky key of a request: the `user` field, else X-Session-Id, else random."""
+        return user or session or uuid.uuid4().hex
+
+    def route(self, key: str) -> Route:
+        """The variant for a request with sticky ``key``."""
+        self._ensure_started()
+        t = self._table
+        canary = t["canary"]
+        if canary is None or t["weight"] <= 0:
+            return Route(t["stable"], None, t["epoch"])
+        if routes_to_canary(t["rollout_id"], key, t["weight"]):
+            return Route(canary, "canary", t["epoch"])
+        return Route(t["stable"], "stable", t["epoch"])
+
+    def enabled_flags(self, key: str, variant: str) -> list[str]:
+        """Names of the feature flags on for this key and variant."""
+        version, flags = self._flags
+        if version != self._table["version"]:
+            raw = self._table.get("flags")
+            flags = FlagSet.from_dict(raw) if raw else None
+            self._flags = (self._table["version"], flags)
+        if flags is None:
+            return []
+        return [f.name for f in flags.list() if flags.enabled(f.name, key, variant)]
+
+    def record(self, route: Route, *, ttft_s: float | None, itl_s: float | None,
+               e2e_s: float | None, error: bool) -> None:
+        """Queue one finished request's numbers for the controller (rollouts only)."""
+        if route.arm is None or len(self._samples) >= MAX_BUFFERED_SAMPLES:
+            return
+        self._samples.append({"arm": route.arm, "epoch": route.epoch, "ttft_s": ttft_s,
+                              "itl_s": itl_s, "e2e_s": e2e_s, "error": error})
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                self._table = await self._controller.wait_for_change.remote(
+                    self._table["version"], _POLL_TIMEOUT_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # controller restarting: keep the last table, retry
+                log.debug("routing long-poll failed: %r", exc)
+                await asyncio.sleep(1.0)
+
+    async def _flush(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            if not self._samples:
+                continue
+            batch, self._samples = self._samples, []
+            try:
+                await self._controller.record.remote(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # lost samples only delay a decision
+                log.debug("sending %d samples failed: %r", len(batch), exc)
+
+    def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
