@@ -75,12 +75,13 @@ def render_status(status: dict) -> str:
     if analysis:
         lines += ["", f"last analysis: {analysis.get('outcome')}"
                       + (f" ({analysis['reason']})" if analysis.get("reason") else "")]
-        rows = [["metric", "n stable", "n canary", "ratio", "cohen d", "p worse", "p non-inf",
-                 "verdict"]]
+        rows = [["metric", "n stable", "n canary", "ratio", "cohen d", "p worse (holm)",
+                 "p non-inferior", "verdict"]]
         for m in analysis.get("metrics", []):
-            rows.append([m.get("metric"), m.get("n_stable"), m.get("n_canary"),
-                         _num(m.get("ratio")), _num(m.get("cohens_d")),
-                         _num(m.get("p_worse")), _num(m.get("p_noninferior")), m.get("verdict")])
+            rows.append([m.get("name"), m.get("n_stable"), m.get("n_canary"),
+                         _num(m.get("ratio", m.get("diff"))), _num(m.get("cohens_d")),
+                         _num(m.get("fail_p_holm", m.get("fail_p"))), _num(m.get("ni_p")),
+                         m.get("verdict")])
         lines.append(_table(rows))
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ from ray import serve
 
 from mlx_serving.canary import (Arm, AuditLog, Flag, FlagSet, Phase, Rollout, RolloutPlan,
                                 Sample, SampleSet, StateStore)
-from mlx_serving.canary.store import write_json_atomic, read_json
+from mlx_serving.canary.store import atomic_write_text
 from mlx_serving.deployments.errors import HTTPError, bad_request
 from mlx_serving.deployments.settings import AppConfig
 
@@ -32,7 +32,10 @@ def _conflict(message: str) -> HTTPError:
     return HTTPError(409, message, type="conflict_error", code="rollout_conflict")
 
 
+# A replaced controller must not hold the Routers' long-polls for Serve's default 20 s
+# graceful shutdown: they would keep routing by its last table meanwhile.
 @serve.deployment(name="RolloutController", num_replicas=1, max_ongoing_requests=10_000,
+                  graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=1,
                   ray_actor_options={"num_cpus": 0.05})
 class RolloutController:
     """Owns the rollout state machine, its samples, its persisted state and the routing table."""
@@ -49,12 +52,22 @@ class RolloutController:
         self._flags_path = root / "flags.json"
         state = self._store.load()
         self._rollout = Rollout(state) if state is not None else None
-        flags = read_json(self._flags_path)
-        self._flags = FlagSet.from_dict(flags) if flags else FlagSet()
-        self._arms = {Arm.STABLE: SampleSet(), Arm.CANARY: SampleSet()}
-        self._version = 0
+        if state is not None and state.phase in _ACTIVE:
+            # Samples died with the old replica: the stage continues with a fresh look window
+            # (its min_duration and min_samples again), so no look runs on a thin sample.
+            self._audit.append(self._rollout.restart_window(time.time()))
+            self._store.save(state)
+        self._flags = (FlagSet.from_json(self._flags_path.read_text())
+                       if self._flags_path.exists() else FlagSet())
+        self._arms = self._fresh_samples()
+        self._epoch = state.stage_epoch if state is not None else None
+        self._version = time.time_ns()  # monotonic across controller restarts
         self._changed: asyncio.Event | None = None
         self._ticker: asyncio.Task | None = None
+
+    @staticmethod
+    def _fresh_samples() -> dict[Arm, SampleSet]:
+        return {Arm.STABLE: SampleSet(Arm.STABLE), Arm.CANARY: SampleSet(Arm.CANARY)}
 
     # -- routing ------------------------------------------------------------------------------------
     def _effective_stable(self) -> str:
@@ -77,12 +90,12 @@ class RolloutController:
                 "rollout_id": st.rollout_id if st else None,
                 "stable": self._effective_stable(),
                 "canary": st.canary if active else None,
-                "weight": st.canary_weight if active else 0.0,
+                "weight": st.weight if active else 0.0,
                 "epoch": st.stage_epoch if st else 0,
                 "flags": self._flags.to_dict()}
 
     def _publish(self) -> None:
-        self._version += 1
+        self._version = max(self._version + 1, time.time_ns())
         if self._changed is not None:
             self._changed.set()
             self._changed = asyncio.Event()
@@ -112,17 +125,17 @@ class RolloutController:
         """Samples from a Router; those of another stage or rollout are dropped."""
         self._ensure_ticking()
         st = self._rollout.state if self._rollout else None
-        if st is None or st.phase is not Phase.PROGRESSING:
+        if st is None or st.phase not in _ACTIVE:
             return 0
-        kept = 0
+        by_arm: dict[Arm, list[Sample]] = {Arm.STABLE: [], Arm.CANARY: []}
         for s in batch:
-            if s["epoch"] != st.stage_epoch:
-                continue
-            arm = Arm(s["arm"])
-            self._arms[arm].append(Sample(arm=arm, ttft_s=s["ttft_s"], itl_s=s["itl_s"],
+            if s["epoch"] == st.stage_epoch:
+                arm = Arm(s["arm"])
+                by_arm[arm].append(Sample(arm=arm, ttft_s=s["ttft_s"], itl_s=s["itl_s"],
                                           e2e_s=s["e2e_s"], error=s["error"]))
-            kept += 1
-        return kept
+        for arm, samples in by_arm.items():
+            self._arms[arm].extend(samples)
+        return sum(len(v) for v in by_arm.values())
 
     async def _tick_forever(self) -> None:
         while True:
@@ -133,7 +146,7 @@ class RolloutController:
                 log.exception("rollout tick failed")
 
     def tick(self, now: float) -> None:
-        if self._rollout is None or self._rollout.state.phase is not Phase.PROGRESSING:
+        if self._rollout is None or self._rollout.state.phase not in _ACTIVE:
             return
         decisions = self._rollout.advance(now, self._arms[Arm.STABLE], self._arms[Arm.CANARY])
         if decisions:
@@ -141,13 +154,11 @@ class RolloutController:
 
     def _commit(self, decisions) -> None:
         """Persist the state and the decisions, start fresh samples if the stage changed."""
-        epoch_before = getattr(self, "_epoch", None)
         st = self._rollout.state
         self._store.save(st)
-        for d in decisions:
-            self._audit.append(d)
-        if st.stage_epoch != epoch_before:
-            self._arms = {Arm.STABLE: SampleSet(), Arm.CANARY: SampleSet()}
+        self._audit.extend(decisions)
+        if st.stage_epoch != self._epoch:
+            self._arms = self._fresh_samples()
             self._epoch = st.stage_epoch
         self._publish()
 
@@ -162,7 +173,7 @@ class RolloutController:
                 "config_stable": self._config_stable}
 
     def history(self, limit: int = 50) -> list[dict]:
-        return self._audit.tail(limit)
+        return [d.to_dict() for d in self._audit.last(limit)]
 
     def start(self, variant: str, plan: dict | None = None) -> dict:
         if variant not in self._variants:
@@ -177,20 +188,20 @@ class RolloutController:
             rollout_plan = RolloutPlan.model_validate(plan or self._canary_cfg.plan)
         except Exception as exc:
             raise bad_request(f"plan: {exc}", "plan") from None
-        self._rollout, decisions = Rollout.start(uuid.uuid4().hex[:12], stable, variant,
-                                                 rollout_plan, time.time())
+        self._rollout = Rollout.start(uuid.uuid4().hex[:12], stable, variant, rollout_plan,
+                                      time.time())
         self._epoch = None
-        self._commit(decisions)
+        self._commit(list(self._rollout.history))
         return self.status()
 
     def _command(self, action: str, **kwargs) -> dict:
         if self._rollout is None:
             raise _conflict("no rollout has been started")
         try:
-            decisions = getattr(self._rollout, action)(time.time(), **kwargs)
+            decision = getattr(self._rollout, action)(time.time(), **kwargs)
         except ValueError as exc:  # the state machine refuses this transition now
             raise _conflict(str(exc)) from None
-        self._commit(decisions)
+        self._commit([decision])
         return self.status()
 
     def pause(self, reason: str = "operator") -> dict:
@@ -211,18 +222,18 @@ class RolloutController:
 
     def set_flag(self, flag: dict[str, Any]) -> dict:
         try:
-            self._flags.set(Flag.model_validate(flag) if hasattr(Flag, "model_validate")
-                            else Flag(**flag))
-        except (TypeError, ValueError) as exc:
+            self._flags.set(Flag.model_validate(flag))
+        except ValueError as exc:
             raise bad_request(f"flag: {exc}", "flag") from None
-        write_json_atomic(self._flags_path, self._flags.to_dict())
-        self._publish()
-        return self._flags.to_dict()
+        return self._save_flags()
 
     def delete_flag(self, name: str) -> dict:
         if not self._flags.remove(name):
             raise HTTPError(404, f"no flag named {name!r}", type="not_found_error", param="name",
                             code="flag_not_found")
-        write_json_atomic(self._flags_path, self._flags.to_dict())
+        return self._save_flags()
+
+    def _save_flags(self) -> dict:
+        atomic_write_text(self._flags_path, self._flags.to_json())
         self._publish()
         return self._flags.to_dict()

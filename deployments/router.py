@@ -325,7 +325,7 @@ class Router:
 
     async def _complete(self, request: Request, model_cls, chat: bool) -> Response:
         endpoint = "chat" if chat else "completions"
-        variant, key = self._traffic.table["stable"], ""
+        variant, key, route = self._traffic.table["stable"], "", None
         try:
             self._check_api_key(request)
             body = self._parse(model_cls, await self._read_json(request))
@@ -337,7 +337,8 @@ class Router:
         except Exception as exc:
             err = to_http_error(exc)
             self._outcome(variant, endpoint, f"http_{err.status}")
-            return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+            headers = {**err.headers(), **(self._tags(route, key) if route else {})}
+            return JSONResponse(err.body(), status_code=err.status, headers=headers)
         meta = {"id": new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()),
                 "model": body.model}
         n_per_prompt = body.n
@@ -353,7 +354,8 @@ class Router:
 
     def _tags(self, route: Route, key: str) -> dict[str, str]:
         """Response headers naming the variant and the feature flags this request got."""
-        tags = {"x-mlx-serving-variant": route.variant}
+        tags = {"x-mlx-serving-variant": route.variant,
+                "x-mlx-serving-routing": f"{self._replica}@{self._traffic.table['version']}"}
         flags = self._traffic.enabled_flags(key, route.variant)
         if flags:
             tags["x-mlx-serving-flags"] = ",".join(flags)
@@ -520,6 +522,9 @@ class Router:
                                 type="not_found_error", code="no_controller")
             result = await getattr(self._controller, method).remote(*args, **kwargs)
             await self._traffic.refresh()
+            if isinstance(result, dict) and "routing" in result:
+                result["router"] = {"replica": self._replica,
+                                    "routing_version": self._traffic.table["version"]}
             return JSONResponse(result)
         except Exception as exc:
             err = to_http_error(exc)

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 0.5
 MAX_BUFFERED_SAMPLES = 10_000
-_POLL_TIMEOUT_S = 30.0
+_POLL_TIMEOUT_S = 5.0  # also bounds staleness if the controller is replaced
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,12 @@ class TrafficSplit:
     async def refresh(self) -> None:
         """Fetch the routing table now (e.g. right after an operator command)."""
         if self._controller is not None:
-            self._table = await self._controller.routing.remote()
+            self._apply(await self._controller.routing.remote())
+
+    def _apply(self, table: dict) -> None:
+        # The long-poll and a refresh may answer out of order: keep the newest table.
+        if table["version"] >= self._table["version"]:
+            self._table = table
 
     @staticmethod
     def request_key(user: str | None, session: str | None) -> str:
@@ -92,8 +97,8 @@ class TrafficSplit:
     async def _watch(self) -> None:
         while True:
             try:
-                self._table = await self._controller.wait_for_change.remote(
-                    self._table["version"], _POLL_TIMEOUT_S)
+                self._apply(await self._controller.wait_for_change.remote(
+                    self._table["version"], _POLL_TIMEOUT_S))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # controller restarting: keep the last table, retry

@@ -26,8 +26,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_config(model_path: Path, port: int) -> dict:
-    """cluster.yaml with the tiny model, keys, and one LLMServer replica per machine."""
+def test_config(model_path: Path, port: int, state_dir: Path) -> dict:
+    """cluster.yaml with the tiny model, keys, one stable LLMServer replica per machine and
+    a declared canary variant (same model, one replica anywhere) for the rollout drills."""
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
     config["http_options"]["port"] = port
     app = config["applications"][0]
@@ -44,17 +45,43 @@ def test_config(model_path: Path, port: int) -> dict:
         "health_check_period_s": 1,
         "ray_actor_options": {"num_cpus": 0.5, "resources": {"mac": 1}},
     }
+    args["variants"]["canary"] = {
+        "engine": stable["engine"],
+        "deployment": {"num_replicas": 1, "max_ongoing_requests": 16, "max_queued_requests": 64,
+                       "health_check_period_s": 1, "ray_actor_options": {"num_cpus": 0.25}},
+    }
+    args["canary"] = {"state_dir": str(state_dir), "tick_interval_s": 0.25}
     return config
 
 
 class ServeApp:
     """The deployed application as a client sees it."""
 
-    def __init__(self, address: str, port: int):
+    def __init__(self, address: str, port: int, config: dict, config_path: Path):
         self.ray_address = address
         self.url = f"http://127.0.0.1:{port}"
         self.api_key = API_KEY
         self.operator_token = OPERATOR_TOKEN
+        self.config = config
+        self.config_path = config_path
+
+    def deploy(self, deployment_overrides: list[dict] | None = None) -> None:
+        """(Re)deploy the config with ``serve run``; overrides go to its `deployments:` list
+        (Serve applies a changed user_config in place, without restarting replicas)."""
+        config = {**self.config, "applications": [dict(self.config["applications"][0])]}
+        if deployment_overrides:
+            config["applications"][0]["deployments"] = deployment_overrides
+        self.config_path.write_text(yaml.safe_dump(config))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        subprocess.run([SERVE, "run", "--non-blocking", "-a", self.ray_address,
+                        str(self.config_path)], check=True, env=env, cwd=REPO, timeout=300)
+        self.wait_ready()
+
+    def admin(self, method: str, path: str, body: dict | None = None) -> dict:
+        r = httpx.request(method, f"{self.url}{path}", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {self.operator_token}"})
+        assert r.status_code < 400, r.text
+        return r.json()
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
@@ -106,13 +133,10 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def serve_app(ray_cluster, tiny_model_path, tmp_path_factory) -> ServeApp:
     port = free_port()
-    config_path = tmp_path_factory.mktemp("serve") / "cluster.yaml"
-    config_path.write_text(yaml.safe_dump(test_config(tiny_model_path, port)))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([SERVE, "run", "--non-blocking", "-a", ray_cluster.address, str(config_path)],
-                   check=True, env=env, cwd=REPO, timeout=300)
-    app = ServeApp(ray_cluster.address, port)
-    app.wait_ready()
+    folder = tmp_path_factory.mktemp("serve")
+    config = test_config(tiny_model_path, port, folder / "canary-state")
+    app = ServeApp(ray_cluster.address, port, config, folder / "cluster.yaml")
+    app.deploy()
     yield app
     from ray import serve
     serve.shutdown()

@@ -1,0 +1,239 @@
+"""Canary rollouts on real Ray Serve: statistical and guard rollbacks, promotion, restarts,
+operator commands through the CLI, feature flags, and the admin API's token checks.
+
+The drills use small plans (stated in each test) so they decide in seconds on a CPU box;
+the statistics are the same code the default plan runs (docs/CANARY.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+import uuid
+
+import httpx
+import pytest
+import ray
+import yaml
+
+from mlx_serving.deployments.cli import main as cli
+
+pytestmark = pytest.mark.slow
+
+GUARDS_OFF = {"enabled": False}
+ONLY_TTFT = {"ttft": {"margin": 0.25}, "itl": {"enabled": False}, "e2e": {"enabled": False},
+             "error_rate": {"enabled": False}, "min_samples": 30}
+
+
+def plan_file(tmp_path, stages, analysis=None, guards=None) -> str:
+    plan = {"stages": stages, "analysis": analysis or ONLY_TTFT, "guards": guards or GUARDS_OFF}
+    path = tmp_path / f"plan-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return str(path)
+
+
+def run_cli(app, *args, capsys=None) -> str:
+    code = cli(["canary", *args, "--url", app.url, "--token", app.operator_token])
+    out = capsys.readouterr().out if capsys is not None else ""
+    assert code == 0, out
+    return out
+
+
+def status(app) -> dict:
+    return app.admin("GET", "/admin/canary/status")
+
+
+def phase(app) -> str | None:
+    rollout = status(app)["rollout"]
+    return rollout["phase"] if rollout else None
+
+
+async def _drive(app, until, timeout_s: float, concurrency: int = 4) -> list[dict]:
+    """Send small completions (random user keys) until ``until()`` holds; returns results."""
+    results: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    done = asyncio.Event()
+
+    async def worker(http):
+        while not done.is_set() and time.monotonic() < deadline:
+            started = time.perf_counter()
+            r = await http.post(f"{app.url}/v1/completions", json={
+                "model": "demo", "prompt": "canary drill", "max_tokens": 4,
+                "ignore_eos": True, "user": uuid.uuid4().hex})
+            results.append({"status": r.status_code, "variant": r.headers.get("x-mlx-serving-variant"),
+                            "latency": time.perf_counter() - started})
+
+    async def watch():
+        while time.monotonic() < deadline:
+            if await asyncio.to_thread(until):
+                break
+            await asyncio.sleep(0.5)
+        done.set()
+
+    async with httpx.AsyncClient(timeout=60, headers=app.headers()) as http:
+        await asyncio.gather(watch(), *(worker(http) for _ in range(concurrency)))
+    return results
+
+
+def drive(app, until, timeout_s: float = 240.0, concurrency: int = 4) -> list[dict]:
+    return asyncio.run(_drive(app, until, timeout_s, concurrency))
+
+
+def variants_of(app, n: int = 30) -> set[str]:
+    seen, routers = set(), set()
+    for _ in range(n):
+        r = httpx.post(f"{app.url}/v1/completions", headers=app.headers(), timeout=60,
+                       json={"model": "demo", "prompt": "after", "max_tokens": 2,
+                             "user": uuid.uuid4().hex})
+        assert r.status_code == 200, r.text
+        seen.add(r.headers["x-mlx-serving-variant"])
+        routers.add((r.headers["x-mlx-serving-routing"], r.headers["x-mlx-serving-variant"]))
+    print("routers seen:", sorted(routers), "controller:", status(app)["routing"]["version"])
+    return seen
+
+
+def set_canary_fault(app, **fault) -> None:
+    """Redeploy with fault injection on the canary's LLMServer (a live user_config change)."""
+    overrides = [{"name": "LLMServer-canary", "user_config": {"fault": fault}}] if fault else None
+    app.deploy(overrides)
+
+
+def stable_median_ttft(app) -> float:
+    """Median TTFT of the stable variant under the drill load, measured by the client."""
+    ttfts = []
+    with httpx.Client(timeout=60, headers=app.headers()) as http:
+        for _ in range(40):
+            started = time.perf_counter()
+            with http.stream("POST", f"{app.url}/v1/completions", json={
+                    "model": "demo", "prompt": "canary drill", "max_tokens": 4,
+                    "ignore_eos": True, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and '"text":"' in line and '"text":""' not in line:
+                        ttfts.append(time.perf_counter() - started)
+                        break
+    return statistics.median(ttfts)
+
+
+def test_admin_api_needs_the_operator_token(serve_app):
+    url = f"{serve_app.url}/admin/canary/status"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    r = httpx.post(f"{serve_app.url}/admin/canary/start", json={"variant": "canary"},
+                   headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 403 and phase(serve_app) in (None, "rolled_back", "promoted")
+    assert cli(["canary", "status", "--url", serve_app.url, "--token", "wrong"]) == 1
+
+
+def test_latency_regression_is_rolled_back_by_the_statistics(serve_app, tmp_path, capsys):
+    median = stable_median_ttft(serve_app)
+    delay_ms = 0.2 * median * 1000  # +20% of stable's median TTFT
+    set_canary_fault(serve_app, delay_ms=delay_ms)
+    try:
+        plan = plan_file(tmp_path, [
+            {"weight": 50, "min_samples": 150, "min_duration_s": 3, "max_extensions": 2},
+            {"weight": 100, "min_samples": 10, "min_duration_s": 1}])
+        run_cli(serve_app, "start", "canary", "--plan", plan, capsys=capsys)
+        drive(serve_app, lambda: phase(serve_app) == "rolled_back")
+        st = status(serve_app)
+        assert st["rollout"]["phase"] == "rolled_back", st
+        analysis = st["rollout"]["last_analysis"]
+        assert analysis["outcome"] == "fail"                      # the statistics, not a guard
+        assert st["routing"]["canary"] is None and st["routing"]["weight"] == 0
+        assert variants_of(serve_app) == {"stable"}               # every request to stable
+        out = run_cli(serve_app, "status", capsys=capsys)
+        assert "rolled_back" in out and "ttft" in out
+        history = run_cli(serve_app, "history", capsys=capsys)
+        assert "rollback" in history
+    finally:
+        set_canary_fault(serve_app)
+
+
+def test_guard_sized_fault_is_rolled_back_by_the_guard(serve_app, tmp_path, capsys):
+    set_canary_fault(serve_app, abort_percent=20)
+    try:
+        plan = plan_file(tmp_path, [
+            {"weight": 50, "min_samples": 10_000, "min_duration_s": 600},
+            {"weight": 100, "min_samples": 10, "min_duration_s": 1}],
+            guards={"error_rate": {"ceiling": 0.05, "min_samples": 20},
+                    "ttft_p95": {"enabled": False}})
+        run_cli(serve_app, "start", "canary", "--plan", plan, capsys=capsys)
+        results = drive(serve_app, lambda: phase(serve_app) == "rolled_back", timeout_s=120)
+        st = status(serve_app)
+        assert st["rollout"]["phase"] == "rolled_back", st
+        assert "guard" in st["rollout"]["reason"].lower()
+        assert any(r["status"] == 500 and r["variant"] == "canary" for r in results)
+        seen = variants_of(serve_app)
+        assert seen == {"stable"}, [status(serve_app) for _ in range(4)]
+    finally:
+        set_canary_fault(serve_app)
+
+
+def _kill(app, deployment: str) -> None:
+    for name in app.replica_actors(deployment).values():
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+
+def test_restart_mid_rollout_resumes_the_same_stage(serve_app, tmp_path, capsys):
+    plan = plan_file(tmp_path, [
+        {"weight": 25, "min_samples": 10_000, "min_duration_s": 3600},
+        {"weight": 100, "min_samples": 10, "min_duration_s": 1}])
+    run_cli(serve_app, "start", "canary", "--plan", plan, capsys=capsys)
+    before = status(serve_app)["rollout"]
+    assert before["phase"] == "progressing" and before["weight"] == 25
+    run_cli(serve_app, "pause", "--reason", "drill", capsys=capsys)
+    assert phase(serve_app) == "paused"
+    run_cli(serve_app, "resume", capsys=capsys)
+    _kill(serve_app, "RolloutController")
+    _kill(serve_app, "Router")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            after = status(serve_app)["rollout"]
+            break
+        except (AssertionError, httpx.HTTPError):
+            time.sleep(0.5)
+    assert after["rollout_id"] == before["rollout_id"]
+    assert after["stage_index"] == before["stage_index"] and after["phase"] == "progressing"
+    assert after["weight"] == 25
+    assert variants_of(serve_app, 40) == {"stable", "canary"}   # the split survived
+    out = run_cli(serve_app, "rollback", "--reason", "drill over", capsys=capsys)
+    assert "rolled_back" in out
+    assert variants_of(serve_app) == {"stable"}
+
+
+def test_healthy_canary_is_promoted_through_every_stage(serve_app, tmp_path, capsys):
+    plan = plan_file(tmp_path, [
+        {"weight": 25, "min_samples": 60, "min_duration_s": 2},
+        {"weight": 50, "min_samples": 60, "min_duration_s": 2},
+        {"weight": 100, "min_samples": 10, "min_duration_s": 2}])
+    run_cli(serve_app, "start", "canary", "--plan", plan, capsys=capsys)
+    drive(serve_app, lambda: phase(serve_app) in ("promoted", "rolled_back", "paused"))
+    st = status(serve_app)
+    assert st["rollout"]["phase"] == "promoted", st
+    assert st["routing"]["stable"] == "canary"                   # the canary is stable now
+    assert variants_of(serve_app) == {"canary"}
+    actions = [d["action"] for d in serve_app.admin("GET", "/admin/canary/history?limit=20")]
+    assert actions[-4:] == ["start", "next_stage", "next_stage", "promote"][-4:] or "promote" in actions[-1]
+    # Hand the traffic back (and exercise promote --full): roll "stable" out again at once.
+    run_cli(serve_app, "start", "stable", "--plan", plan, capsys=capsys)
+    run_cli(serve_app, "promote", "--full", capsys=capsys)
+    assert status(serve_app)["routing"]["stable"] == "stable"
+    assert variants_of(serve_app) == {"stable"}
+
+
+def test_feature_flags_through_the_cli(serve_app, capsys):
+    base = ["--url", serve_app.url, "--token", serve_app.operator_token]
+    assert cli(["flags", "set", "fast-path", "--percent", "100", *base]) == 0
+    assert "fast-path" in capsys.readouterr().out
+    r = httpx.post(f"{serve_app.url}/v1/completions", headers=serve_app.headers(), timeout=60,
+                   json={"model": "demo", "prompt": "x", "max_tokens": 1, "user": "u1"})
+    time.sleep(0.1)
+    assert "fast-path" in r.headers.get("x-mlx-serving-flags", "")
+    assert cli(["flags", "kill", "fast-path", *base]) == 0
+    assert "yes" in capsys.readouterr().out
+    r = httpx.post(f"{serve_app.url}/v1/completions", headers=serve_app.headers(), timeout=60,
+                   json={"model": "demo", "prompt": "x", "max_tokens": 1, "user": "u1"})
+    assert "fast-path" not in r.headers.get("x-mlx-serving-flags", "")
+    assert cli(["flags", "delete", "fast-path", *base]) == 0
