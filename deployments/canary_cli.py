@@ -64,22 +64,23 @@ def render_status(status: dict) -> str:
         f"phase            {rollout['phase']}",
         f"stage            {rollout['stage_index'] + 1}/{len(stages)} "
         f"(weight {stages[min(rollout['stage_index'], len(stages) - 1)]['weight']:g}%)",
-        f"traffic          stable {100 - routing['weight']:g}%  canary {routing['weight']:g}%",
+        f"traffic          {routing['stable']} {100 - routing['weight']:g}%"
+        + (f"  {routing['canary']} {routing['weight']:g}%" if routing["canary"] else ""),
         f"samples          stable {status['samples']['stable']}  canary "
         f"{status['samples']['canary']} (this stage)",
         f"started          {_when(rollout.get('started_at'))}",
     ]
-    if rollout.get("reasons"):
-        lines.append(f"reason           {rollout['reasons'][-1]}")
+    if rollout.get("reason"):
+        lines.append(f"reason           {rollout['reason']}")
     analysis = rollout.get("last_analysis")
     if analysis:
         lines += ["", f"last analysis: {analysis.get('outcome')}"
                       + (f" ({analysis['reason']})" if analysis.get("reason") else "")]
-        rows = [["metric", "n stable", "n canary", "ratio", "cohen d", "p worse (holm)",
+        rows = [["metric", "n stable", "n canary", "ratio / diff", "cohen d", "p worse (holm)",
                  "p non-inferior", "verdict"]]
         for m in analysis.get("metrics", []):
             rows.append([m.get("name"), m.get("n_stable"), m.get("n_canary"),
-                         _num(m.get("ratio", m.get("diff"))), _num(m.get("cohens_d")),
+                         _num(m.get("ratio", m.get("difference"))), _num(m.get("cohens_d")),
                          _num(m.get("fail_p_holm", m.get("fail_p"))), _num(m.get("ni_p")),
                          m.get("verdict")])
         lines.append(_table(rows))

@@ -13,8 +13,12 @@ import sys
 def _make_model(args: argparse.Namespace) -> int:
     from mlx_serving.engine.modelgen import make_model
 
-    path = make_model(args.path, arch=args.arch, size=args.size, dtype=args.dtype,
-                      quantize=args.quantize, seed=args.seed, overwrite=args.overwrite)
+    try:
+        path = make_model(args.path, arch=args.arch, size=args.size, dtype=args.dtype,
+                          quantize=args.quantize, seed=args.seed, overwrite=args.overwrite)
+    except FileExistsError as exc:
+        print(f"error: {exc} (use --overwrite to replace a generated model)", file=sys.stderr)
+        return 1
     print(f"wrote {args.size} {args.arch} model to {path}")
     return 0
 
@@ -55,7 +59,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlx-serving", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mlx-serving",
+                                     description="mlx-serving: LLM serving on MLX and Ray Serve.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     mm = sub.add_parser("make-model", help="write a random-weight MLX model folder")
@@ -70,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="stream one completion from the engine to the terminal")
     gen.add_argument("model", help="local MLX model folder or Hugging Face repo id")
-    gen.add_argument("prompt", nargs="?", default="Write a haiku about batching.")
+    gen.add_argument("--prompt", default="Write a haiku about batching.")
     gen.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)

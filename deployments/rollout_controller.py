@@ -73,12 +73,13 @@ class RolloutController:
     def _effective_stable(self) -> str:
         """The variant that is stable now.
 
-        After a full promotion the persisted state names the canary as stable; that holds
-        across restarts and redeploys of an unchanged config. An operator who changes the
-        config's stable variant (as the runbook says to) makes the config win again.
+        The last rollout decides (its canary once promoted, else the stable it started
+        from: a rollback never changes what stable means), and that holds across restarts
+        and redeploys of the config. An operator who sets the config's stable variant to one
+        the last rollout did not involve makes the config win.
         """
         st = self._rollout.state if self._rollout else None
-        if (st is not None and st.phase is Phase.PROMOTED and st.stable == self._config_stable
+        if (st is not None and self._config_stable in (st.stable, st.canary)
                 and st.effective_stable in self._variants):
             return st.effective_stable
         return self._config_stable

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
@@ -35,6 +36,14 @@ from mlx_serving.engine.errors import InvalidRequestError
 log = logging.getLogger(__name__)
 
 app = FastAPI(title="mlx-serving", description="OpenAI-compatible LLM serving on MLX and Ray Serve.")
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _openai_shaped_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """Unknown paths and methods answer in OpenAI's error shape too."""
+    err = HTTPError(exc.status_code, str(exc.detail), type="invalid_request_error",
+                    code="not_found" if exc.status_code == 404 else "method_not_allowed")
+    return JSONResponse(err.body(), status_code=exc.status_code)
 
 _MODELS_TTL_S = 5.0
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -126,8 +135,9 @@ class _Call:
             self.finish(error=chunk.finish_reason == "error")
 
 
+# Routers outlive LLMServer's 30 s drain on redeploys, so in-flight streams can finish.
 @serve.deployment(name="Router", num_replicas=2, max_ongoing_requests=512,
-                  ray_actor_options={"num_cpus": 0.1})
+                  graceful_shutdown_timeout_s=40, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
 class Router:
     """OpenAI-compatible ingress in front of the variants' LLMServer deployments."""

@@ -43,15 +43,19 @@ class TrafficSplit:
 
     @property
     def table(self) -> dict:
+        self._ensure_started()
         return self._table
 
     def _ensure_started(self) -> None:
+        # Lazily: the long-poll needs the replica's running event loop. Every use of the
+        # table starts it, so no Router keeps a table that only a refresh() ever set.
         if not self._tasks and self._controller is not None:
             self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._flush())]
 
     async def refresh(self) -> None:
         """Fetch the routing table now (e.g. right after an operator command)."""
         if self._controller is not None:
+            self._ensure_started()
             self._apply(await self._controller.routing.remote())
 
     def _apply(self, table: dict) -> None:
@@ -66,8 +70,7 @@ class TrafficSplit:
 
     def route(self, key: str) -> Route:
         """The variant for a request with sticky ``key``."""
-        self._ensure_started()
-        t = self._table
+        t = self.table
         canary = t["canary"]
         if canary is None or t["weight"] <= 0:
             return Route(t["stable"], None, t["epoch"])

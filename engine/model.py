@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 from dataclasses import dataclass
 import mlx.core as mx
 from mlx_lm import load as mlx_lm_load
@@ -30,6 +32,11 @@ class ModelInfo:
     load_seconds: float
 
 
+def _looks_local(path: str) -> bool:
+    """A filesystem path rather than a Hugging Face repo id ("org/name")."""
+    return path.startswith(("/", ".", "~")) or path.count("/") != 1 or Path(path).exists()
+
+
 class LoadedModel:
     """An mlx-lm model and its tokenizer, ready to serve.
 
@@ -40,6 +47,9 @@ class LoadedModel:
     def __init__(self, config: ModelConfig):
         self.config = config
         start = time.perf_counter()
+        if _looks_local(config.path) and not Path(config.path).expanduser().is_dir():
+            raise ModelLoadError(f"model {config.name!r}: no folder {config.path!r} on this node "
+                                 f"(relative paths resolve against {os.getcwd()!r})")
         try:
             self.model, self.tokenizer, self.hf_config = mlx_lm_load(config.path, return_config=True)
         except Exception as exc:  # mlx-lm raises many kinds; the caller needs one

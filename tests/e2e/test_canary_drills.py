@@ -89,8 +89,8 @@ def variants_of(app, n: int = 30) -> set[str]:
                              "user": uuid.uuid4().hex})
         assert r.status_code == 200, r.text
         seen.add(r.headers["x-mlx-serving-variant"])
-        routers.add((r.headers["x-mlx-serving-routing"], r.headers["x-mlx-serving-variant"]))
-    print("routers seen:", sorted(routers), "controller:", status(app)["routing"]["version"])
+        routers.add(r.headers["x-mlx-serving-routing"])
+    assert routers, "every response names the Router replica and its routing table"
     return seen
 
 
@@ -164,8 +164,7 @@ def test_guard_sized_fault_is_rolled_back_by_the_guard(serve_app, tmp_path, caps
         assert st["rollout"]["phase"] == "rolled_back", st
         assert "guard" in st["rollout"]["reason"].lower()
         assert any(r["status"] == 500 and r["variant"] == "canary" for r in results)
-        seen = variants_of(serve_app)
-        assert seen == {"stable"}, [status(serve_app) for _ in range(4)]
+        assert variants_of(serve_app) == {"stable"}
     finally:
         set_canary_fault(serve_app)
 
@@ -209,16 +208,28 @@ def test_healthy_canary_is_promoted_through_every_stage(serve_app, tmp_path, cap
         {"weight": 50, "min_samples": 60, "min_duration_s": 2},
         {"weight": 100, "min_samples": 10, "min_duration_s": 2}])
     run_cli(serve_app, "start", "canary", "--plan", plan, capsys=capsys)
-    drive(serve_app, lambda: phase(serve_app) in ("promoted", "rolled_back", "paused"))
-    st = status(serve_app)
-    assert st["rollout"]["phase"] == "promoted", st
-    assert st["routing"]["stable"] == "canary"                   # the canary is stable now
-    assert variants_of(serve_app) == {"canary"}
-    actions = [d["action"] for d in serve_app.admin("GET", "/admin/canary/history?limit=20")]
-    assert actions[-4:] == ["start", "next_stage", "next_stage", "promote"][-4:] or "promote" in actions[-1]
-    # Hand the traffic back (and exercise promote --full): roll "stable" out again at once.
-    run_cli(serve_app, "start", "stable", "--plan", plan, capsys=capsys)
-    run_cli(serve_app, "promote", "--full", capsys=capsys)
+    try:
+        drive(serve_app, lambda: phase(serve_app) in ("promoted", "rolled_back", "paused"))
+        st = status(serve_app)
+        assert st["rollout"]["phase"] == "promoted", st
+        assert st["routing"]["stable"] == "canary"               # the canary is stable now
+        assert variants_of(serve_app) == {"canary"}
+        history = serve_app.admin("GET", "/admin/canary/history?limit=50")
+        rollout_id = st["rollout"]["rollout_id"]
+        actions = [d["action"] for d in history if d["rollout_id"] == rollout_id]
+        assert actions[0] == "start" and actions[-1] == "promote"
+        assert actions.count("next_stage") == 2 and "rollback" not in actions
+        # A later rollout that is rolled back leaves the promoted variant stable.
+        run_cli(serve_app, "start", "stable", "--plan", plan, capsys=capsys)
+        run_cli(serve_app, "rollback", capsys=capsys)
+        assert status(serve_app)["routing"]["stable"] == "canary"
+    finally:
+        # Hand the traffic back (and exercise promote --full): roll "stable" out at once.
+        if status(serve_app)["routing"]["stable"] != "stable":
+            if phase(serve_app) in ("progressing", "paused"):
+                run_cli(serve_app, "rollback", capsys=capsys)
+            run_cli(serve_app, "start", "stable", "--plan", plan, capsys=capsys)
+            run_cli(serve_app, "promote", "--full", capsys=capsys)
     assert status(serve_app)["routing"]["stable"] == "stable"
     assert variants_of(serve_app) == {"stable"}
 
