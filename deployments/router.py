@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 app = FastAPI(title="mlx-serving", description="OpenAI-compatible LLM serving on MLX and Ray Serve.")
 
 
+def error_response(exc: BaseException, extra_headers: dict[str, str] | None = None) -> JSONResponse:
+    """The OpenAI-shaped JSON answer for any failure (mapping in deployments/errors.py)."""
+    err = to_http_error(exc)
+    return JSONResponse(err.body(), status_code=err.status,
+                        headers={**err.headers(), **(extra_headers or {})})
+
+
 @app.exception_handler(StarletteHTTPException)
 async def _openai_shaped_http_error(request: Request, exc: StarletteHTTPException) -> Response:
     """Unknown paths and methods answer in OpenAI's error shape too."""
@@ -45,9 +52,20 @@ async def _openai_shaped_http_error(request: Request, exc: StarletteHTTPExceptio
                     code="not_found" if exc.status_code == 404 else "method_not_allowed")
     return JSONResponse(err.body(), status_code=exc.status_code)
 
+
 _MODELS_TTL_S = 5.0
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+def _failure(item: "Chunk | BaseException") -> HTTPError | None:
+    """The HTTP error for a failed choice (an exception, or a chunk that ended in error)."""
+    if isinstance(item, BaseException):
+        return to_http_error(item)
+    if item.finish_reason == "error":
+        return HTTPError(500, item.error or "generation failed", type="server_error",
+                         code=item.error_code)
+    return None
 
 
 @dataclass
@@ -345,10 +363,8 @@ class Router:
             engine_requests = body.to_engine(model)
             started = await self._begin(route, engine_requests)
         except Exception as exc:
-            err = to_http_error(exc)
-            self._outcome(variant, endpoint, f"http_{err.status}")
-            headers = {**err.headers(), **(self._tags(route, key) if route else {})}
-            return JSONResponse(err.body(), status_code=err.status, headers=headers)
+            self._outcome(variant, endpoint, f"http_{to_http_error(exc).status}")
+            return error_response(exc, self._tags(route, key) if route else None)
         meta = {"id": new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()),
                 "model": body.model}
         n_per_prompt = body.n
@@ -374,12 +390,10 @@ class Router:
     async def _whole_response(self, started, meta, chat, n_per_prompt, variant, endpoint):
         choices = [Choice() for _ in started]
         async for index, item in self._merged(started):
-            if isinstance(item, BaseException) or item.finish_reason == "error":
-                err = to_http_error(item) if isinstance(item, BaseException) else HTTPError(
-                    500, item.error or "generation failed", type="server_error",
-                    code=item.error_code)
+            err = _failure(item)
+            if err is not None:
                 self._outcome(variant, endpoint, f"http_{err.status}")
-                return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+                return error_response(err)
             choices[index].add(item)
         self._outcome(variant, endpoint, "ok")
         if chat:
@@ -408,10 +422,8 @@ class Router:
                         {"index": i, "delta": {"role": "assistant", "content": ""},
                          "logprobs": None, "finish_reason": None}]})
             async for index, item in self._merged(started):
-                if isinstance(item, BaseException) or item.finish_reason == "error":
-                    err = (to_http_error(item) if isinstance(item, BaseException) else HTTPError(
-                        500, item.error or "generation failed", type="server_error",
-                        code=item.error_code))
+                err = _failure(item)
+                if err is not None:
                     outcome = f"stream_error_{err.code}"
                     yield sse(err.body())
                     return  # no [DONE] after an error
@@ -446,8 +458,7 @@ class Router:
             self._check_api_key(request)
             models = await self._served_models(self._traffic.table["stable"])
         except Exception as exc:
-            err = to_http_error(exc)
-            return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+            return error_response(exc)
         cards = [ModelCard(id=m["id"], max_model_len=m["max_model_len"]) for m in models]
         return JSONResponse(ModelList(data=cards).model_dump())
 
@@ -471,8 +482,7 @@ class Router:
                 model, body.prompt, messages, body.add_special_tokens)
             return JSONResponse({"tokens": tokens, "count": len(tokens)})
         except Exception as exc:
-            err = to_http_error(exc)
-            return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+            return error_response(exc)
 
     @app.post("/detokenize")
     async def detokenize(self, request: Request) -> Response:
@@ -483,8 +493,7 @@ class Router:
             text = await self._servers[variant].detokenize.remote(model, body.tokens)
             return JSONResponse({"prompt": text})
         except Exception as exc:
-            err = to_http_error(exc)
-            return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+            return error_response(exc)
 
     # -- operations ----------------------------------------------------------------------------------
     @app.get("/health")
@@ -515,7 +524,7 @@ class Router:
         try:
             self._check_operator(request)
         except HTTPError as err:
-            return JSONResponse(err.body(), status_code=err.status)
+            return error_response(err)
         if self._telemetry is None:
             streams = self._stream_views()
         else:
@@ -537,8 +546,7 @@ class Router:
                                     "routing_version": self._traffic.table["version"]}
             return JSONResponse(result)
         except Exception as exc:
-            err = to_http_error(exc)
-            return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+            return error_response(exc)
 
     async def _admin_body(self, request: Request) -> dict:
         raw = await request.body()
@@ -566,11 +574,10 @@ class Router:
             self._check_operator(request)
             body = await self._admin_body(request)
         except HTTPError as err:
-            return JSONResponse(err.body(), status_code=err.status)
+            return error_response(err)
         if action == "start":
             if not isinstance(body.get("variant"), str):
-                err = bad_request("variant: required", "variant")
-                return JSONResponse(err.body(), status_code=400)
+                return error_response(bad_request("variant: required", "variant"))
             return await self._admin(request, "start", body["variant"], body.get("plan"))
         if action == "promote":
             return await self._admin(request, "promote", bool(body.get("full", False)))
@@ -578,9 +585,9 @@ class Router:
             return await self._admin(request, action, str(body.get("reason") or "operator"))
         if action == "resume":
             return await self._admin(request, "resume")
-        err = HTTPError(404, f"unknown canary action {action!r}", type="not_found_error",
-                        param="action", code="unknown_action")
-        return JSONResponse(err.body(), status_code=404)
+        return error_response(HTTPError(404, f"unknown canary action {action!r}",
+                                        type="not_found_error", param="action",
+                                        code="unknown_action"))
 
     @app.get("/admin/flags")
     async def flags(self, request: Request) -> Response:
@@ -592,7 +599,7 @@ class Router:
             self._check_operator(request)
             body = await self._admin_body(request)
         except HTTPError as err:
-            return JSONResponse(err.body(), status_code=err.status)
+            return error_response(err)
         return await self._admin(request, "set_flag", {**body, "name": name})
 
     @app.delete("/admin/flags/{name}")

@@ -147,6 +147,8 @@ def _post(serve_app, body, path="/v1/chat/completions", headers=None, raw=None):
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
      "messages[0].content[0].type"),
     ({"stop": [""]}, "stop"),
+    ({"stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
 ])
 def test_invalid_values_are_400_naming_the_field(serve_app, patch, param):
     body = {"model": "demo", "messages": MESSAGES, **patch}
@@ -181,6 +183,10 @@ def test_bad_json_wrong_types_oversized_and_auth(serve_app):
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     r = httpx.get(f"{serve_app.url}/v1/models")
     assert r.status_code == 401
+    r = httpx.get(f"{serve_app.url}/v1/no-such-endpoint", headers=serve_app.headers())
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(f"{serve_app.url}/v1/chat/completions", headers=serve_app.headers())
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_prompt_longer_than_context_is_400(serve_app):
