@@ -205,7 +205,8 @@ class Router:
             raise HTTPError(403, "wrong operator token", type="permission_error",
                             code="invalid_operator_token")
 
-    async def _read_json(self, request: Request) -> Any:
+    async def _read_json(self, request: Request, empty: Any = None) -> Any:
+        """The body as JSON, within max_body_bytes; ``empty`` (if given) for an empty body."""
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -217,6 +218,8 @@ class Router:
             if len(body) > limit:
                 raise HTTPError(413, f"request body exceeds {limit} bytes",
                                 type="invalid_request_error", code="body_too_large")
+        if not body and empty is not None:
+            return empty
         try:
             return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -533,9 +536,16 @@ class Router:
 
     # -- canary rollouts (operators) ----------------------------------------------------------------
     async def _admin(self, request: Request, method: str, *args, **kwargs) -> Response:
-        """Run an operator command on the RolloutController and answer with its result."""
+        """Check the operator token, then run a command on the RolloutController."""
         try:
             self._check_operator(request)
+        except HTTPError as err:
+            return error_response(err)
+        return await self._admin_call(method, *args, **kwargs)
+
+    async def _admin_call(self, method: str, *args, **kwargs) -> Response:
+        """Run an operator command (token already checked) and answer with its result."""
+        try:
             if self._controller is None:
                 raise HTTPError(404, "this application has no rollout controller",
                                 type="not_found_error", code="no_controller")
@@ -548,14 +558,10 @@ class Router:
         except Exception as exc:
             return error_response(exc)
 
-    async def _admin_body(self, request: Request) -> dict:
-        raw = await request.body()
-        if not raw:
-            return {}
-        try:
-            body = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise bad_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    async def _operator_body(self, request: Request) -> dict:
+        """Check the operator token, then read the command's JSON object (empty: {})."""
+        self._check_operator(request)
+        body = await self._read_json(request, empty={})
         if not isinstance(body, dict):
             raise bad_request("the body must be a JSON object")
         return body
@@ -571,20 +577,19 @@ class Router:
     @app.post("/admin/canary/{action}")
     async def canary_command(self, request: Request, action: str) -> Response:
         try:
-            self._check_operator(request)
-            body = await self._admin_body(request)
+            body = await self._operator_body(request)
         except HTTPError as err:
             return error_response(err)
         if action == "start":
             if not isinstance(body.get("variant"), str):
                 return error_response(bad_request("variant: required", "variant"))
-            return await self._admin(request, "start", body["variant"], body.get("plan"))
+            return await self._admin_call("start", body["variant"], body.get("plan"))
         if action == "promote":
-            return await self._admin(request, "promote", bool(body.get("full", False)))
+            return await self._admin_call("promote", bool(body.get("full", False)))
         if action in ("pause", "rollback"):
-            return await self._admin(request, action, str(body.get("reason") or "operator"))
+            return await self._admin_call(action, str(body.get("reason") or "operator"))
         if action == "resume":
-            return await self._admin(request, "resume")
+            return await self._admin_call("resume")
         return error_response(HTTPError(404, f"unknown canary action {action!r}",
                                         type="not_found_error", param="action",
                                         code="unknown_action"))
@@ -596,11 +601,10 @@ class Router:
     @app.put("/admin/flags/{name}")
     async def set_flag(self, request: Request, name: str) -> Response:
         try:
-            self._check_operator(request)
-            body = await self._admin_body(request)
+            body = await self._operator_body(request)
         except HTTPError as err:
             return error_response(err)
-        return await self._admin(request, "set_flag", {**body, "name": name})
+        return await self._admin_call("set_flag", {**body, "name": name})
 
     @app.delete("/admin/flags/{name}")
     async def delete_flag(self, request: Request, name: str) -> Response:
