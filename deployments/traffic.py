@@ -100,8 +100,11 @@ class TrafficSplit:
     async def _watch(self) -> None:
         while True:
             try:
-                self._apply(await self._controller.wait_for_change.remote(
-                    self._table["version"], _POLL_TIMEOUT_S))
+                # Bounded here too: a call to a controller that died mid-poll must not hang.
+                self._apply(await asyncio.wait_for(
+                    self._controller.wait_for_change.remote(self._table["version"],
+                                                            _POLL_TIMEOUT_S),
+                    _POLL_TIMEOUT_S + 2.0))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # controller restarting: keep the last table, retry

@@ -82,16 +82,23 @@ def drive(app, until, timeout_s: float = 240.0, concurrency: int = 4) -> list[di
 
 
 def variants_of(app, n: int = 30) -> set[str]:
-    seen, routers = set(), set()
-    for _ in range(n):
+    """Variants serving ``n`` requests sent once every Router has the controller's current
+    routing table (the update reaches them by long-poll; waited for, at most 15 s)."""
+    version = status(app)["routing"]["version"]
+
+    def send():
         r = httpx.post(f"{app.url}/v1/completions", headers=app.headers(), timeout=60,
                        json={"model": "demo", "prompt": "after", "max_tokens": 2,
                              "user": uuid.uuid4().hex})
         assert r.status_code == 200, r.text
-        seen.add(r.headers["x-mlx-serving-variant"])
-        routers.add(r.headers["x-mlx-serving-routing"])
-    assert routers, "every response names the Router replica and its routing table"
-    return seen
+        return r.headers["x-mlx-serving-variant"], int(r.headers["x-mlx-serving-routing"].split("@")[1])
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(send()[1] < version for _ in range(6)):
+        time.sleep(0.2)
+    results = [send() for _ in range(n)]
+    assert all(v >= version for _, v in results), "a Router kept an old routing table"
+    return {variant for variant, _ in results}
 
 
 def set_canary_fault(app, **fault) -> None:
