@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import httpx
 import numpy as np
@@ -150,21 +150,24 @@ class HttpTarget:
             yield usage_tokens - chunks
 
 
+def generation_request(spec: RequestSpec, model: str | None = None) -> GenerationRequest:
+    """The engine request for ``spec``: greedy, exactly ``max_tokens`` tokens (EOS ignored)."""
+    params = SamplingParams(max_tokens=spec.max_tokens, temperature=0, ignore_eos=True)
+    if spec.chat:
+        return GenerationRequest(model=model, params=params,
+                                 messages=[{"role": "user", "content": spec.prompt}])
+    return GenerationRequest(model=model, params=params, prompt=spec.prompt)
+
+
 class EngineTarget:
-    """An in-process ``Engine``, driven through ``Engine.generate`` (greedy, EOS ignored)."""
+    """An in-process ``Engine``, driven through ``Engine.generate``."""
 
     def __init__(self, engine: Engine, model: str | None = None):
         self.engine = engine
         self.model = model
 
     async def stream(self, spec: RequestSpec) -> AsyncIterator[int]:
-        params = SamplingParams(max_tokens=spec.max_tokens, temperature=0, ignore_eos=True)
-        if spec.chat:
-            request = GenerationRequest(model=self.model, params=params,
-                                        messages=[{"role": "user", "content": spec.prompt}])
-        else:
-            request = GenerationRequest(model=self.model, params=params, prompt=spec.prompt)
-        async for delta in self.engine.generate(request):
+        async for delta in self.engine.generate(generation_request(spec, self.model)):
             if delta.error:
                 raise RequestError(f"engine_{delta.error_code or 'error'}", delta.error)
             if delta.token_ids:
@@ -238,6 +241,7 @@ class LoadResult:
     ttft_ms: dict[str, float | None]
     itl_ms: dict[str, float | None]
     e2e_ms: dict[str, float | None]
+    counters: dict[str, float] | None = None  # the probe's change over the measured part
 
     @classmethod
     def from_records(cls, concurrency: int, records: list[_Record], duration_s: float) -> LoadResult:
@@ -257,15 +261,28 @@ class LoadResult:
         return asdict(self)
 
 
-async def run_load(target: Target, workload: Workload, concurrency: int) -> LoadResult:
+Probe = Callable[[], Awaitable[dict[str, float]]]
+
+
+async def run_load(target: Target, workload: Workload, concurrency: int,
+                   probe: Probe | None = None) -> LoadResult:
     """Run the workload closed-loop: ``concurrency`` workers each send their next request
     as soon as their last one ends. Warm-up requests go first, at the same concurrency,
-    and are left out of the result."""
+    and are left out of the result.
+
+    ``probe`` reads counters of the system under load (engine steps, tokens, ...); it is
+    read before and after the measured requests and the result keeps the differences.
+    """
     warmup, measured = workload.specs()
     await _closed_loop(target, warmup, concurrency)
+    before = await probe() if probe else None
     start = time.perf_counter()
     records = await _closed_loop(target, measured, concurrency)
-    return LoadResult.from_records(concurrency, records, time.perf_counter() - start)
+    result = LoadResult.from_records(concurrency, records, time.perf_counter() - start)
+    if probe:
+        after = await probe()
+        result.counters = {k: after[k] - before[k] for k in after}
+    return result
 
 
 async def sweep(target: Target, workload: Workload, concurrencies: list[int]) -> list[LoadResult]:

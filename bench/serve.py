@@ -1,8 +1,19 @@
 """The serving path's cost: HTTP through Ray Serve against the engine in-process.
 
 Same model, same engine settings (cluster.yaml's stable variant), same workload from the
-load generator; only the path differs. The engine runs in this process first, then the
-application from cluster.yaml is started with ``serve run`` and loaded over HTTP.
+load generator; only the path differs. The application from cluster.yaml runs under
+``serve run`` while this process holds its own engine, and each load level is driven
+along three paths, one after the other, ``--repeats`` times (in a rotating order, so
+that drift of a shared or noisy machine falls on every path alike):
+
+- ``engine``: the engine in this process (the ceiling);
+- ``handle``: a Serve handle straight to the LLMServer deployment (one Ray hop: the
+  replica's share of the cost, without proxy, Router or HTTP);
+- ``http``: HTTP through Serve's proxy and the Router, as clients see it.
+
+Each run also reads the serving engine's counters over its measured requests: steps per
+second and tokens per step tell a slower step from an emptier batch, and prefill passes
+and prefill time show how prompts were batched. The report gives medians over repeats.
 
     python -m mlx_serving.bench.serve --model models/demo-small --concurrency 1 8 32 64
 """
@@ -14,61 +25,77 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
+from typing import AsyncIterator, Iterator
 
 import httpx
 import yaml
 
 from mlx_serving.bench.engine import machine
-from mlx_serving.bench.loadgen import EngineTarget, HttpTarget, LoadResult, Workload, run_load
+from mlx_serving.bench.loadgen import (EngineTarget, HttpTarget, LoadResult, Probe, RequestError,
+                                      RequestSpec, Target, Workload, generation_request, run_load)
+from mlx_serving.deployments.app import server_deployment_name
 from mlx_serving.engine import Engine, EngineConfig
 
 REPO = Path(__file__).resolve().parent.parent
+PATHS = ("engine", "handle", "http")
+PATH_NAMES = {"engine": "engine in-process", "handle": "Serve handle", "http": "HTTP via Router"}
+ENGINE_COUNTERS = ("steps", "prefill_steps", "prefill_s", "decode_s", "generated_tokens", "pauses")
 
 
-def stable_config(model: str, max_batch_size: int | None, settings: dict) -> dict:
-    """cluster.yaml with one stable LLMServer replica serving ``model``."""
+def stable_config(model: str, max_batch_size: int | None, settings: dict,
+                  engine: dict | None = None) -> dict:
+    """cluster.yaml with one stable LLMServer replica serving ``model``; ``settings`` and
+    ``engine`` override its LLMServer settings and engine settings."""
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
     variant = config["applications"][0]["args"]["variants"]["stable"]
     variant["engine"]["models"] = [{"name": "bench", "path": str(Path(model).resolve())}]
     variant["engine"]["prompt_cache_bytes"] = 0  # distinct prompts; keep both sides equal
     variant["settings"].update(settings)
+    variant["engine"].update(engine or {})
     if max_batch_size:
         variant["engine"]["max_batch_size"] = max_batch_size
         variant["deployment"]["max_ongoing_requests"] = 2 * max_batch_size
     return config
 
 
-Levels = list[tuple[int, Workload]]  # (concurrency, its workload)
+def engine_counters(stats: dict) -> dict[str, float]:
+    return {k: stats[k] for k in ENGINE_COUNTERS}
 
 
-async def _run_levels(target, levels: Levels) -> list[LoadResult]:
-    return [await run_load(target, workload, n) for n, workload in levels]
+class HandleTarget:
+    """The LLMServer deployment called through a Serve ``DeploymentHandle``."""
+
+    def __init__(self, handle, model: str):
+        self._handle = handle.options(stream=True)
+        self.model = model
+
+    async def stream(self, spec: RequestSpec) -> AsyncIterator[int]:
+        async for chunk in self._handle.generate.remote(generation_request(spec, self.model)):
+            if chunk.error:
+                raise RequestError(f"engine_{chunk.error_code or 'error'}", chunk.error)
+            if chunk.num_tokens:
+                yield chunk.num_tokens
 
 
-def run_engine(config: dict, levels: Levels) -> list[LoadResult]:
-    engine_cfg = config["applications"][0]["args"]["variants"]["stable"]["engine"]
-    engine = Engine(EngineConfig.model_validate(engine_cfg))
-    try:
-        return asyncio.run(_run_levels(EngineTarget(engine), levels))
-    finally:
-        engine.shutdown()
-
-
-def run_serve(config: dict, levels: Levels, port: int) -> list[LoadResult]:
+@contextmanager
+def serve_app(config: dict, port: int) -> Iterator[str]:
+    """The application under ``serve run`` (its own local Ray); yields its URL once ready."""
     config["http_options"]["port"] = port
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
     env = {**os.environ, "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1"}
     # The `serve` CLI through this interpreter (works where its script is not on PATH).
     cli = [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]
-    serve = subprocess.Popen([*cli, "run", f.name],
-                             env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*cli, "run", f.name], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
@@ -78,32 +105,98 @@ def run_serve(config: dict, levels: Levels, port: int) -> list[LoadResult]:
                     break
             except httpx.HTTPError:
                 pass
-            if time.monotonic() > deadline or serve.poll() is not None:
+            if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("serve run did not become ready")
             time.sleep(1)
-
-        async def go():
-            target = HttpTarget(url, "bench", max_connections=max(n for n, _ in levels) + 8)
-            try:
-                return await _run_levels(target, levels)
-            finally:
-                await target.aclose()
-
-        return asyncio.run(go())
+        yield url
     finally:
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
         os.unlink(f.name)
 
 
-def report(engine: list[LoadResult], served: list[LoadResult]) -> str:
-    lines = ["| concurrent | engine tok/s | Serve HTTP tok/s | HTTP ÷ engine | TTFT p50 engine / HTTP (ms) | ITL p50 engine / HTTP (ms) |",
-             "|---|---|---|---|---|---|"]
-    for e, s in zip(engine, served):
-        ratio = s.output_tok_s / e.output_tok_s if e.output_tok_s else float("nan")
-        lines.append(f"| {e.concurrency} | {e.output_tok_s:,.1f} | {s.output_tok_s:,.1f} | {ratio:.3f} "
-                     f"| {e.ttft_ms['p50']:.0f} / {s.ttft_ms['p50']:.0f} "
-                     f"| {e.itl_ms['p50']:.1f} / {s.itl_ms['p50']:.1f} |")
+Runs = dict[int, dict[str, list[LoadResult]]]  # concurrency -> path -> one result per repeat
+
+
+async def _drive(targets: dict[str, tuple[Target, Probe]], levels: list[tuple[int, Workload]],
+                 repeats: int) -> Runs:
+    runs: Runs = {}
+    for n, workload in levels:
+        runs[n] = {path: [] for path in PATHS}
+        for r in range(repeats):
+            for path in PATHS[r % 3:] + PATHS[:r % 3]:
+                target, probe = targets[path]
+                runs[n][path].append(await run_load(target, workload, n, probe))
+    return runs
+
+
+def run(config: dict, levels: list[tuple[int, Workload]], repeats: int, port: int) -> Runs:
+    """Every level along every path, ``repeats`` times."""
+    import ray
+    from ray import serve
+
+    variant = config["applications"][0]["args"]["variants"]["stable"]
+    engine = Engine(EngineConfig.model_validate(variant["engine"]))
+    try:
+        with serve_app(config, port) as url:
+            ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
+            try:
+                server = serve.get_deployment_handle(server_deployment_name("stable"),
+                                                     config["applications"][0]["name"])
+
+                async def local_counters() -> dict[str, float]:
+                    return engine_counters(asdict(engine.stats()))
+
+                async def replica_counters() -> dict[str, float]:
+                    return engine_counters(await server.stats.remote())
+
+                async def go() -> Runs:
+                    http = HttpTarget(url, "bench", max_connections=max(n for n, _ in levels) + 8)
+                    try:
+                        return await _drive({"engine": (EngineTarget(engine), local_counters),
+                                             "handle": (HandleTarget(server, "bench"), replica_counters),
+                                             "http": (http, replica_counters)}, levels, repeats)
+                    finally:
+                        await http.aclose()
+
+                return asyncio.run(go())
+            finally:
+                ray.shutdown()
+    finally:
+        engine.shutdown()
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _engine_side(results: list[LoadResult]) -> str:
+    """Medians of engine steps/s, tokens per step, prefill passes, prefill share of time."""
+    counted = [(r.counters, r.duration_s) for r in results if r.counters and r.counters["steps"]]
+    if not counted:
+        return "-"
+    steps_s = _median([c["steps"] / d for c, d in counted])
+    per_step = _median([c["generated_tokens"] / c["steps"] for c, _ in counted])
+    passes = _median([c["prefill_steps"] for c, _ in counted])
+    prefill = _median([100 * c["prefill_s"] / d for c, d in counted])
+    pauses = sum(c["pauses"] for c, _ in counted)
+    return f"{steps_s:,.0f} / {per_step:.1f} / {passes:.0f} / {prefill:.0f}% / {pauses:.0f}"
+
+
+def report(runs: Runs) -> str:
+    lines = ["| concurrent | path | tok/s median (min–max) | ÷ engine | TTFT p50 ms | ITL p50 ms "
+             "| engine steps/s / tokens per step / prefill passes / prefill time / pauses |",
+             "|---|---|---|---|---|---|---|"]
+    for n, by_path in runs.items():
+        base = _median([r.output_tok_s for r in by_path["engine"]])
+        for path in PATHS:
+            results = by_path[path]
+            tok_s = [r.output_tok_s for r in results]
+            lines.append(
+                f"| {n} | {PATH_NAMES[path]} | {_median(tok_s):,.0f} ({min(tok_s):,.0f}–{max(tok_s):,.0f}) "
+                f"| {_median(tok_s) / base:.3f} "
+                f"| {_median([r.ttft_ms['p50'] for r in results]):.0f} "
+                f"| {_median([r.itl_ms['p50'] for r in results]):.1f} | {_engine_side(results)} |")
     return "\n".join(lines)
 
 
@@ -113,29 +206,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--requests-per-stream", type=int, default=4,
                    help="measured requests = concurrency x this (at least 16)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each path at each level")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--port", type=int, default=8077)
     p.add_argument("--chunk-interval-ms", type=float, help="override the LLMServer setting")
     p.add_argument("--max-chunks-per-s", type=float, help="override the LLMServer setting")
+    p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine setting for every path, e.g. prefill_batch_size=16 (YAML value)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    engine_settings = {}
+    for item in args.engine:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--engine takes KEY=VALUE, got {item!r}")
+        engine_settings[key] = yaml.safe_load(value)
     settings = {k: v for k, v in (("chunk_interval_ms", args.chunk_interval_ms),
                                   ("max_chunks_per_s", args.max_chunks_per_s)) if v is not None}
-    config = stable_config(args.model, args.max_batch_size, settings)
+    config = stable_config(args.model, args.max_batch_size, settings, engine_settings)
     levels = [(n, Workload(requests=max(16, n * args.requests_per_stream),
                            prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
                            warmup=min(n, 8), seed=n))
-              for n in args.concurrency]  # identical workloads for both paths
-    engine = run_engine(config, levels)
-    served = run_serve(config, levels, args.port)
-    table = report(engine, served)
-    print(f"machine: {machine()}\nmodel: {args.model}\n\n{table}")
+              for n in args.concurrency]  # identical workloads on every path
+    runs = run(config, levels, args.repeats, args.port)
+    print(f"machine: {machine()}\nmodel: {args.model}\n\n{report(runs)}")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"machine": machine(), "args": vars(args),
-             "engine": [r.to_dict() for r in engine], "serve": [r.to_dict() for r in served]},
+             "levels": [{"concurrency": n, **{path: [r.to_dict() for r in results]
+                                              for path, results in by_path.items()}}
+                        for n, by_path in runs.items()]},
             indent=2))
     return 0
 

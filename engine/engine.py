@@ -49,7 +49,11 @@ class EngineStats:
     prefix_cache_hits: int
     prefix_cache_misses: int
     steps: int
+    prefill_steps: int  # steps that also processed prompt tokens
+    prefill_s: float    # time in prompt processing (mlx-lm's BatchGenerator counters)
+    decode_s: float     # time in decode steps
     generated_tokens: int
+    pauses: int     # times a sequence was paused because its reader lagged
     active_memory_bytes: int
 
 
@@ -190,7 +194,11 @@ class Engine:
             prefix_cache_hits=sum(r.prefix_cache.stats.hits for r in runners),
             prefix_cache_misses=sum(r.prefix_cache.stats.misses for r in runners),
             steps=s.counters.steps,
+            prefill_steps=s.counters.prefill_steps,
+            prefill_s=sum(r.batch_times()[0] for r in runners),
+            decode_s=sum(r.batch_times()[1] for r in runners),
             generated_tokens=s.counters.generated_tokens,
+            pauses=s.counters.paused_total,
             active_memory_bytes=mx.get_active_memory(),
         )
 

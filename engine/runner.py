@@ -26,6 +26,7 @@ class ModelRunner:
         self.prefix_cache = PrefixCache(config.prompt_cache_bytes)
         self.by_uid: dict[int, Sequence] = {}
         self._eos_stops = StopSequences([(t,) for t in loaded.eos_token_ids])
+        self._retired_times = (0.0, 0.0)  # prefill and decode seconds of replaced batches
         self.batch = self._new_batch()
 
     def _new_batch(self) -> BatchGenerator:
@@ -41,6 +42,7 @@ class ModelRunner:
         """Drop the batch (after an MLX failure); returns the sequences that were in it."""
         lost = list(self.by_uid.values())
         self.by_uid.clear()
+        self._retired_times = self.batch_times()
         self.batch.close()
         self.batch = self._new_batch()
         return lost
@@ -60,6 +62,15 @@ class ModelRunner:
         """
         b = self.batch
         return len(b._unprocessed_sequences) + len(b._prompt_batch) + len(b._generation_batch)
+
+    def batch_times(self) -> tuple[float, float]:
+        """Seconds BatchGenerator has spent in prompt processing and in decode steps.
+
+        Reads mlx-lm's running counters (its public ``stats()`` only measures a window).
+        """
+        c = self.batch._counters
+        prefill, decode = self._retired_times
+        return prefill + c.prompt_time, decode + c.decode_time
 
     def _stops_for(self, seq: Sequence) -> StopSequences:
         params = seq.params

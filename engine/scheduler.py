@@ -61,6 +61,7 @@ class _Stop:
 @dataclass
 class SchedulerCounters:
     steps: int = 0
+    prefill_steps: int = 0   # steps that also processed prompt tokens
     generated_tokens: int = 0
     finished: int = 0
     paused_total: int = 0
@@ -282,7 +283,7 @@ class Scheduler:
 
     def _step(self, runner: ModelRunner) -> None:
         try:
-            _, responses = runner.batch.next()
+            prompt_responses, responses = runner.batch.next()
         except Exception as exc:
             log.exception("model %s failed during a step", runner.loaded.name)
             for seq in runner.reset():
@@ -291,6 +292,7 @@ class Scheduler:
                                error_code="engine_error", was_admitted=True)
             return
         self.counters.steps += 1
+        self.counters.prefill_steps += bool(prompt_responses)
         self.counters.generated_tokens += len(responses)
         for response in responses:
             seq = runner.by_uid.get(response.uid)

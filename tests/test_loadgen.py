@@ -194,3 +194,21 @@ def test_engine_target_errors_and_sweep(engine):
     assert [(r.concurrency, r.requests_ok, r.output_tokens) for r in results] == [(1, 2, 8), (2, 2, 8)]
     assert format_table(results).count("\n") == 3
     json.dumps([r.to_dict() for r in results])
+
+
+def test_probe_counts_only_the_measured_requests(engine):
+    """The probe is read around the measured part: the engine's counters over it match the
+    load (every measured token, no warm-up token), and prefill work is accounted for."""
+    fields = ("steps", "prefill_steps", "prefill_s", "decode_s", "generated_tokens")
+
+    async def probe():
+        stats = engine.stats()
+        return {k: getattr(stats, k) for k in fields}
+
+    workload = Workload(requests=4, warmup=2, prompt_tokens=16, max_tokens=8)
+    result = asyncio.run(run_load(EngineTarget(engine, "tiny"), workload, concurrency=2, probe=probe))
+
+    c = result.counters
+    assert c["generated_tokens"] == result.output_tokens == 4 * 8
+    assert 0 < c["prefill_steps"] <= c["steps"] and c["prefill_s"] > 0 and c["decode_s"] > 0
+    assert result.to_dict()["counters"] == c

@@ -204,6 +204,7 @@ def test_health_ready_metrics(serve_app):
     text = httpx.get(f"{serve_app.url}/metrics").text
     assert "mlx_serving:time_to_first_token_seconds_bucket" in text
     assert "mlx_serving:num_requests_running" in text
+    assert "mlx_serving:engine_pauses_total" in text
 
 
 def test_metrics_cover_every_replica(serve_app, client):
