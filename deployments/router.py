@@ -455,6 +455,10 @@ class Router:
         finally:
             self._outcome(variant, endpoint, outcome)
 
+    async def routing_state(self) -> dict:
+        """This replica's routing table version and long-poll health (handle call)."""
+        return {"replica": self._replica, **self._traffic.watch_state()}
+
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -40,6 +41,9 @@ class TrafficSplit:
         self._samples: list[dict] = []
         self._tasks: list[asyncio.Task] = []
         self._flags: tuple[int, FlagSet | None] = (-1, None)
+        self._polls = 0                      # long-poll answers received
+        self._poll_failures: list[str] = []  # the last few failed polls
+        self._last_answer = 0.0              # time.monotonic() of the last answer
 
     @property
     def table(self) -> dict:
@@ -48,8 +52,13 @@ class TrafficSplit:
 
     def _ensure_started(self) -> None:
         # Lazily: the long-poll needs the replica's running event loop. Every use of the
-        # table starts it, so no Router keeps a table that only a refresh() ever set.
-        if not self._tasks and self._controller is not None:
+        # table (re)starts it, so no Router keeps a table that only a refresh() ever set,
+        # and a watcher that ended for any reason is replaced on the next request.
+        if self._controller is None:
+            return
+        if not self._tasks or any(t.done() for t in self._tasks):
+            for t in self._tasks:
+                t.cancel()
             self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._flush())]
 
     async def refresh(self) -> None:
@@ -62,6 +71,15 @@ class TrafficSplit:
         # The long-poll and a refresh may answer out of order: keep the newest table.
         if table["version"] >= self._table["version"]:
             self._table = table
+
+    def watch_state(self) -> dict:
+        """How this Router's copy of the routing table is kept fresh (for operators)."""
+        return {"version": self._table["version"],
+                "watching": bool(self._tasks) and not self._tasks[0].done(),
+                "polls": self._polls,
+                "seconds_since_answer": (round(time.monotonic() - self._last_answer, 1)
+                                         if self._last_answer else None),
+                "recent_failures": list(self._poll_failures)}
 
     @staticmethod
     def request_key(user: str | None, session: str | None) -> str:
@@ -105,11 +123,19 @@ class TrafficSplit:
                     self._controller.wait_for_change.remote(self._table["version"],
                                                             _POLL_TIMEOUT_S),
                     _POLL_TIMEOUT_S + 2.0))
-            except asyncio.CancelledError:
-                raise
+                self._polls += 1
+                self._last_answer = time.monotonic()
+            except asyncio.CancelledError as exc:
+                if _stopping():
+                    raise
+                await self._poll_failed(exc)  # cancelled on the controller's side
             except Exception as exc:  # controller restarting: keep the last table, retry
-                log.debug("routing long-poll failed: %r", exc)
-                await asyncio.sleep(1.0)
+                await self._poll_failed(exc)
+
+    async def _poll_failed(self, exc: BaseException) -> None:
+        log.debug("routing long-poll failed: %r", exc)
+        self._poll_failures = [*self._poll_failures[-4:], repr(exc)[:200]]
+        await asyncio.sleep(1.0)
 
     async def _flush(self) -> None:
         while True:
@@ -120,10 +146,24 @@ class TrafficSplit:
             try:
                 await self._controller.record.remote(batch)
             except asyncio.CancelledError:
-                raise
+                if _stopping():
+                    raise
+                log.debug("sending %d samples was cancelled by the controller's side", len(batch))
             except Exception as exc:  # lost samples only delay a decision
                 log.debug("sending %d samples failed: %r", len(batch), exc)
 
     def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
+
+
+def _stopping() -> bool:
+    """Whether the current task itself is being cancelled (``stop``, replica shutdown).
+
+    Awaiting a Serve handle call also raises CancelledError when the callee's side
+    cancels it (the controller replica shutting down mid-call, for one). Treating that as
+    our own cancellation used to end the long-poll for good, leaving the Router on an old
+    routing table.
+    """
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
