@@ -38,7 +38,12 @@ def _conflict(message: str) -> HTTPError:
                   graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=1,
                   ray_actor_options={"num_cpus": 0.05})
 class RolloutController:
-    """Owns the rollout state machine, its samples, its persisted state and the routing table."""
+    """Owns the rollout state machine, its samples, its persisted state and the routing table.
+
+    Every method callers reach is ``async``: Serve runs a deployment's sync methods in a
+    thread pool, and this state (and the asyncio Event the long-polls wait on) must only
+    change on the replica's event loop, where the ticker and ``record`` also run.
+    """
 
     def __init__(self, config: dict):
         cfg = AppConfig.model_validate(config)
@@ -142,11 +147,11 @@ class RolloutController:
         while True:
             await asyncio.sleep(self._canary_cfg.tick_interval_s)
             try:
-                self.tick(time.time())
+                self._tick(time.time())
             except Exception:  # keep ticking; the audit log shows what happened before
                 log.exception("rollout tick failed")
 
-    def tick(self, now: float) -> None:
+    def _tick(self, now: float) -> None:
         if self._rollout is None or self._rollout.state.phase not in _ACTIVE:
             return
         decisions = self._rollout.advance(now, self._arms[Arm.STABLE], self._arms[Arm.CANARY])
@@ -164,7 +169,10 @@ class RolloutController:
         self._publish()
 
     # -- operator commands ----------------------------------------------------------------------------
-    def status(self) -> dict:
+    async def status(self) -> dict:
+        return self._status()
+
+    def _status(self) -> dict:
         st = self._rollout.state if self._rollout else None
         return {"rollout": st.to_dict() if st else None,
                 "routing": self._table(),
@@ -173,10 +181,10 @@ class RolloutController:
                 "variants": sorted(self._variants),
                 "config_stable": self._config_stable}
 
-    def history(self, limit: int = 50) -> list[dict]:
+    async def history(self, limit: int = 50) -> list[dict]:
         return [d.to_dict() for d in self._audit.last(limit)]
 
-    def start(self, variant: str, plan: dict | None = None) -> dict:
+    async def start(self, variant: str, plan: dict | None = None) -> dict:
         if variant not in self._variants:
             raise bad_request(f"variant: {variant!r} is not declared in cluster.yaml; "
                               f"declared: {sorted(self._variants)}", "variant")
@@ -193,7 +201,7 @@ class RolloutController:
                                       time.time())
         self._epoch = None
         self._commit(list(self._rollout.history))
-        return self.status()
+        return self._status()
 
     def _command(self, action: str, **kwargs) -> dict:
         if self._rollout is None:
@@ -203,32 +211,32 @@ class RolloutController:
         except ValueError as exc:  # the state machine refuses this transition now
             raise _conflict(str(exc)) from None
         self._commit([decision])
-        return self.status()
+        return self._status()
 
-    def pause(self, reason: str = "operator") -> dict:
+    async def pause(self, reason: str = "operator") -> dict:
         return self._command("pause", reason=reason)
 
-    def resume(self) -> dict:
+    async def resume(self) -> dict:
         return self._command("resume")
 
-    def promote(self, full: bool = False) -> dict:
+    async def promote(self, full: bool = False) -> dict:
         return self._command("promote", full=full)
 
-    def rollback(self, reason: str = "operator") -> dict:
+    async def rollback(self, reason: str = "operator") -> dict:
         return self._command("rollback", reason=reason)
 
     # -- feature flags --------------------------------------------------------------------------------
-    def flags(self) -> dict:
+    async def flags(self) -> dict:
         return self._flags.to_dict()
 
-    def set_flag(self, flag: dict[str, Any]) -> dict:
+    async def set_flag(self, flag: dict[str, Any]) -> dict:
         try:
             self._flags.set(Flag.model_validate(flag))
         except ValueError as exc:
             raise bad_request(f"flag: {exc}", "flag") from None
         return self._save_flags()
 
-    def delete_flag(self, name: str) -> dict:
+    async def delete_flag(self, name: str) -> dict:
         if not self._flags.remove(name):
             raise HTTPError(404, f"no flag named {name!r}", type="not_found_error", param="name",
                             code="flag_not_found")
