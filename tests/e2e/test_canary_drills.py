@@ -109,12 +109,9 @@ def variants_of(app, n: int = 30) -> set[str]:
     while time.monotonic() < deadline and any(send()[1] < version for _ in range(6)):
         time.sleep(0.2)
     results = [send() for _ in range(n)]
-    if not all(v >= version for _, v in results):
-        # Known open bug (issue 4 stays open): now and then one Router keeps an old routing
-        # table for over 15 s. Reported as xfail with this exact signature, nothing else,
-        # with every Router's watch state for the diagnosis.
-        pytest.xfail(f"known bug: a Router kept an old routing table after a routing update "
-                     f"(controller version {version}; Routers: {router_states()})")
+    assert all(v >= version for _, v in results), (
+        f"a Router kept an old routing table for over 15 s (controller version {version}; "
+        f"Routers: {router_states()})")
     return {variant for variant, _ in results}
 
 
