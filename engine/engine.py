@@ -23,7 +23,7 @@ import mlx.core as mx
 
 from mlx_serving.engine.config import EngineConfig, ModelConfig
 from mlx_serving.engine.errors import EngineClosedError, InvalidRequestError, ModelNotFoundError
-from mlx_serving.engine.model import LoadedModel, ModelInfo
+from mlx_serving.engine.model import LoadedModel, ModelInfo, pick_model
 from mlx_serving.engine.outputs import RequestOutput
 from mlx_serving.engine.params import GenerationRequest
 from mlx_serving.engine.runner import ModelRunner
@@ -126,15 +126,7 @@ class Engine:
 
     def model(self, name: str | None) -> LoadedModel:
         """The loaded model a request names (None: the only one loaded)."""
-        if name is None:
-            if len(self._models) == 1:
-                return next(iter(self._models.values()))
-            raise InvalidRequestError(
-                f"model: name one of {sorted(self._models)}", param="model")
-        try:
-            return self._models[name]
-        except KeyError:
-            raise ModelNotFoundError(f"the model {name!r} does not exist", param="model") from None
+        return pick_model(self._models, name)
 
     # -- requests ----------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestStream:
