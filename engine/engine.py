@@ -29,7 +29,7 @@ from mlx_serving.engine.params import GenerationRequest
 from mlx_serving.engine.runner import ModelRunner
 from mlx_serving.engine.scheduler import Scheduler
 from mlx_serving.engine.sequence import Sequence
-from mlx_serving.engine.stream import RequestStream
+from mlx_serving.engine.stream import RequestStream, StreamFactory
 from mlx_serving.engine.warmup import warm_up
 
 _KV_ALLOCATION_STEP = 256  # mlx-lm's KV caches grow in steps of this many tokens
@@ -129,11 +129,13 @@ class Engine:
         return pick_model(self._models, name)
 
     # -- requests ----------------------------------------------------------------------------------
-    def submit(self, request: GenerationRequest) -> RequestStream:
+    def submit(self, request: GenerationRequest,
+               make_stream: StreamFactory = RequestStream) -> RequestStream:
         """Validate and queue a request; returns the stream of its output deltas.
 
         Must be called from a running event loop. Raises the engine's typed errors for
         invalid input (before anything is queued) and QueueFullError under overload.
+        ``make_stream`` is for callers that forward the deltas elsewhere (``EngineProcess``).
         """
         self._check_open()
         loaded = self.model(request.model)
@@ -150,7 +152,7 @@ class Engine:
                 f"max_tokens: prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) needs "
                 f"{kv_bytes} bytes of KV cache; the engine's budget is "
                 f"{self._scheduler.kv_budget_bytes}", param="max_tokens")
-        stream = RequestStream(request.request_id, asyncio.get_running_loop(), self._scheduler.cancel)
+        stream = make_stream(request.request_id, asyncio.get_running_loop(), self._scheduler.cancel)
         seq = Sequence(request=request, model_name=loaded.name, prompt_ids=prompt_ids,
                        max_tokens=max_tokens, stream=stream, kv_bytes=kv_bytes)
         try:

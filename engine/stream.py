@@ -14,6 +14,9 @@ from typing import Callable
 
 from mlx_serving.engine.outputs import RequestOutput
 
+# (request_id, the caller's event loop, cancel callback) -> the request's stream
+StreamFactory = Callable[[str, asyncio.AbstractEventLoop, Callable[[str], None]], "RequestStream"]
+
 
 class RequestStream:
     """The caller's end of one request: an async iterator of ``RequestOutput`` deltas."""
