@@ -17,10 +17,11 @@ from mlx_serving.engine.errors import (
 )
 from mlx_serving.engine.outputs import FinishReason, RequestOutput, Timings, TokenLogprob, Usage
 from mlx_serving.engine.params import GenerationRequest, SamplingParams
+from mlx_serving.engine.process import EngineProcess
 
 __all__ = [
     "ContextLengthExceededError", "Engine", "EngineClosedError", "EngineConfig", "EngineError",
-    "EngineStats", "FinishReason", "GenerationRequest", "InvalidRequestError", "ModelConfig",
-    "ModelLoadError", "ModelNotFoundError", "QueueFullError", "ReaderStalledError",
+    "EngineProcess", "EngineStats", "FinishReason", "GenerationRequest", "InvalidRequestError",
+    "ModelConfig", "ModelLoadError", "ModelNotFoundError", "QueueFullError", "ReaderStalledError",
     "RequestOutput", "SamplingParams", "Timings", "TokenLogprob", "Usage",
 ]

@@ -1,0 +1,597 @@
+"""The engine in a child process, so that the caller's Python work does not slow its steps.
+
+In a Ray Serve replica the engine thread shares the GIL with Serve's event loops and the
+pickling of every streamed chunk, and steps 35-45% slower than in a plain process
+(docs/BENCHMARKS.md). ``EngineProcess`` runs the ``Engine`` in a child process instead
+(the shape of vLLM V1's EngineCore) and offers the part of its API that LLMServer uses::
+
+    engine = EngineProcess(EngineConfig(models=[ModelConfig(name="demo", path="models/demo")]))
+    stream = await engine.submit(request)     # a coroutine: the child validates the request
+    async for delta in stream:
+        ...
+    engine.shutdown(drain_timeout_s=5.0)
+
+Protocol: typed messages over one duplex pipe.
+
+    parent -> child  _Submit(call_id, request)  validate (Engine.submit) and queue; a _Reply
+                     _GetStats(call_id)         a _Reply holding EngineStats
+                     _Cancel(request_id)
+                     _Reads({request_id: n})    tokens the callers read; at most one per turn
+                                                of a caller's event loop
+                     _Shutdown(drain_timeout_s)
+    child -> parent  _Ready(models | error)     once, when the models are loaded
+                     _Reply(call_id, value, error)
+                     _Deltas([...])             every delta of one engine loop turn, all streams
+                     _Heartbeat(healthy)        every _HEARTBEAT_S
+
+In the child, each request's stream is a ``_ForwardedStream`` owned by one event loop.
+The engine thread already wakes each event loop once per turn for all the streams it fed
+(``stream.wake``); that wake-up sends one ``_Deltas``. In the parent a reader thread
+hands each batch to the callers' ``RequestStream`` s, again with one wake-up per event loop.
+
+Flow control: the child counts the tokens it sent but the parent's reader has not read
+yet (the parent reports reads in ``_Reads``) as still buffered, so the scheduler pauses a
+sequence whose reader lags and ends it after ``stalled_reader_timeout_s`` exactly as in
+process; the parent holds at most ``stream_buffer_tokens`` plus one step per request.
+
+Failure: if the child exits (crash, kill), the reader thread sees the pipe close or the
+process end and ends every open stream with an ``engine_closed`` error; new submits raise
+``EngineClosedError`` and ``is_healthy`` is False. The child exits when the parent does
+(the pipe closes, or its parent process id changes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+# Importing multiprocessing.connection registers multiprocessing's own exit handler (which
+# terminates daemonic children) before ours below; atexit runs handlers last-in first-out,
+# so ours drains the engine first.
+from multiprocessing.connection import Connection, wait
+
+from mlx_serving.engine.config import EngineConfig
+from mlx_serving.engine.engine import Engine, EngineStats
+from mlx_serving.engine.errors import EngineClosedError, EngineError, InvalidRequestError
+from mlx_serving.engine.model import ModelInfo, ModelTokenizer, pick_model
+from mlx_serving.engine.outputs import FinishReason, RequestOutput, Timings, Usage
+from mlx_serving.engine.params import GenerationRequest
+from mlx_serving.engine.stream import RequestStream, wake
+
+log = logging.getLogger(__name__)
+
+_HEARTBEAT_S = 1.0     # how often the child reports its engine's health
+_STOP_GRACE_S = 30.0   # after the drain, how long the child may take to stop its engine
+_CALL_TIMEOUT_S = 30.0
+
+
+# -- messages ----------------------------------------------------------------------------------
+@dataclass
+class _Submit:
+    call_id: int
+    request: GenerationRequest
+
+
+@dataclass
+class _GetStats:
+    call_id: int
+
+
+@dataclass
+class _Cancel:
+    request_id: str
+
+
+@dataclass
+class _Reads:
+    tokens: dict[str, int]   # request id -> tokens read since the last report
+
+
+@dataclass
+class _Shutdown:
+    drain_timeout_s: float
+
+
+@dataclass
+class _Ready:
+    models: list[ModelInfo]
+    error: EngineError | None = None
+
+
+@dataclass
+class _Reply:
+    call_id: int
+    value: Any = None
+    error: EngineError | None = None
+
+
+@dataclass
+class _Deltas:
+    items: list   # see _encode
+
+
+@dataclass
+class _Heartbeat:
+    healthy: bool
+
+
+def _encode(delta: RequestOutput):
+    # Pickling a slotted dataclass costs ~15x a tuple (6 against 0.4 us a delta): plain
+    # token deltas, nearly all of them, cross as (request_id, text, token_ids).
+    if delta.logprobs is None and not delta.finished:
+        return delta.request_id, delta.text, delta.token_ids
+    return delta
+
+
+def _decode(item) -> RequestOutput:
+    return RequestOutput(*item) if isinstance(item, tuple) else item
+
+
+def _portable(exc: BaseException) -> EngineError:
+    """The error to send across: the engine's own as is, anything else (a bug) as EngineError."""
+    if isinstance(exc, EngineError):
+        return exc
+    return EngineError(f"{type(exc).__name__}: {exc}")
+
+
+# -- the parent's side -------------------------------------------------------------------------------
+class _ParentStream(RequestStream):
+    """A stream fed by the reader thread; tells the child what its reader has consumed."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop,
+                 on_cancel: Callable[[str], None], reads: _ReadReports):
+        super().__init__(request_id, loop, on_cancel)
+        self._reads = reads
+        self.submitted_at = time.monotonic()
+        self.received_tokens = 0
+
+    def push(self, delta: RequestOutput) -> bool:
+        self.received_tokens += len(delta.token_ids)
+        return super().push(delta)
+
+    async def __anext__(self) -> RequestOutput:
+        delta = await super().__anext__()
+        if delta.token_ids and not delta.finished:  # after the final the child forgets the request
+            self._reads.add(self._loop, self.request_id, len(delta.token_ids))
+        return delta
+
+
+class _ReadReports:
+    """Tokens read per request, sent to the child in one message per event-loop turn."""
+
+    def __init__(self, send: Callable[[Any], None]):
+        self._send = send
+        self._lock = threading.Lock()
+        # Per event loop, so that a loop that stops before its flush holds back only its own.
+        self._tokens: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, int]] = (
+            weakref.WeakKeyDictionary())
+
+    def add(self, loop: asyncio.AbstractEventLoop, request_id: str, tokens: int) -> None:
+        with self._lock:
+            pending = self._tokens.get(loop)
+            if pending is None:
+                pending = self._tokens[loop] = {}
+                loop.call_soon(self._flush, loop)
+            pending[request_id] = pending.get(request_id, 0) + tokens
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            tokens = self._tokens.pop(loop)
+        self._send(_Reads(tokens))
+
+
+@dataclass
+class _Health:
+    """What the child last reported; ``dead`` once it has exited."""
+
+    engine_healthy: bool = True
+    reported_at: float = field(default_factory=time.monotonic)
+    dead: bool = False
+
+
+_PROCESSES: weakref.WeakSet[EngineProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_processes() -> None:
+    for engine in list(_PROCESSES):
+        engine.shutdown()
+
+
+class EngineProcess:
+    """An ``Engine`` running in a child process, used from asyncio code in this one.
+
+    Offers what LLMServer uses of ``Engine``, with the same semantics: ``submit`` (a
+    coroutine here, since the child validates the request), ``generate``, ``model`` (this
+    process loads the tokenizers, so logprob ids decode without a round trip),
+    ``list_models``, ``stats``, ``is_healthy`` and ``shutdown``. The constructor blocks
+    until the child has loaded every model, and raises what ``Engine`` would.
+    """
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        ctx = multiprocessing.get_context("spawn")   # fork is unsafe with MLX's threads
+        self._conn, child_conn = ctx.Pipe()
+        self._process = ctx.Process(target=_child_main, args=(child_conn, config, os.getpid()),
+                                    name="mlx-engine", daemon=True)
+        self._process.start()
+        self._pid = self._process.pid
+        self._exitcode: int | None = None
+        child_conn.close()  # else the parent would never see the pipe close when the child dies
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()   # guards the fields below
+        self._streams: dict[str, _ParentStream] = {}
+        self._calls: dict[int, concurrent.futures.Future] = {}
+        self._call_ids = itertools.count()
+        self._accepting = True
+        self._stopped = False
+        self._stop_lock = threading.Lock()
+        self._reads = _ReadReports(self._send)
+        try:
+            self._infos = self._wait_ready()
+            self._models = {info.name: ModelTokenizer.load(info) for info in self._infos}
+        except BaseException:
+            self._process.kill()
+            self._process.join()
+            self._conn.close()
+            raise
+        self._health = _Health()
+        self._reader = threading.Thread(target=self._read_loop, name="mlx-engine-reader",
+                                        daemon=True)
+        self._reader.start()
+        _PROCESSES.add(self)
+
+    def _wait_ready(self) -> list[ModelInfo]:
+        msg = None
+        if self._conn in wait([self._conn, self._process.sentinel]):
+            try:
+                msg = self._conn.recv()
+            except EOFError:
+                pass
+        if not isinstance(msg, _Ready):
+            self._process.join()
+            raise EngineClosedError(
+                f"the engine process exited while starting (exit code {self._process.exitcode})")
+        if msg.error is not None:
+            raise msg.error
+        return msg.models
+
+    @property
+    def pid(self) -> int:
+        """The child process's id."""
+        return self._pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """The child's exit code once it has exited and been reaped (negative: a signal)."""
+        return self._exitcode
+
+    # -- models ----------------------------------------------------------------------------------
+    def list_models(self) -> list[ModelInfo]:
+        return list(self._infos)
+
+    def model(self, name: str | None) -> ModelTokenizer:
+        """The tokenizer and limits of the model a request names (None: the only one)."""
+        return pick_model(self._models, name)
+
+    # -- requests ----------------------------------------------------------------------------------
+    async def submit(self, request: GenerationRequest) -> RequestStream:
+        """Validate and queue a request in the child; returns the stream of its output deltas.
+
+        Unlike ``Engine.submit`` a coroutine: it returns once the child has accepted the
+        request, and raises the engine's typed errors (invalid input, QueueFullError,
+        EngineClosedError) as ``Engine.submit`` does.
+        """
+        request_id = request.request_id
+        stream = _ParentStream(request_id, asyncio.get_running_loop(), self._cancel, self._reads)
+        with self._lock:
+            self._check_open()
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use",
+                                          param="request_id")
+            self._streams[request_id] = stream
+        try:
+            await asyncio.wrap_future(self._call(lambda call_id: _Submit(call_id, request)))
+        except BaseException as exc:
+            with self._lock:
+                if self._streams.get(request_id) is stream:
+                    del self._streams[request_id]
+            if not isinstance(exc, EngineError):  # cancelled while the child may have queued it
+                self._cancel(request_id)
+            raise
+        return stream
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its deltas; leaving the loop early cancels it."""
+        stream = await self.submit(request)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            stream.cancel()
+
+    def _cancel(self, request_id: str) -> None:
+        self._send(_Cancel(request_id))
+
+    # -- state -----------------------------------------------------------------------------------
+    def stats(self, timeout_s: float = _CALL_TIMEOUT_S) -> EngineStats:
+        """The child engine's ``EngineStats`` (a round trip; raises TimeoutError if the child
+        does not answer within ``timeout_s``)."""
+        return self._call(_GetStats).result(timeout_s)
+
+    def is_healthy(self, stuck_after_s: float = 120.0) -> bool:
+        """False when the child has exited, its engine reports itself unhealthy, or it has
+        not reported for ``stuck_after_s``. Never blocks."""
+        h = self._health
+        return (not h.dead and h.engine_healthy
+                and time.monotonic() - h.reported_at < stuck_after_s)
+
+    def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop admitting, let running requests finish for up to ``drain_timeout_s``, then stop
+        the child. Requests still running afterwards end with finish_reason ``error``.
+        Idempotent; also runs at interpreter exit."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            with self._lock:
+                self._accepting = False
+            self._send(_Shutdown(drain_timeout_s))
+            # The reader thread reaps the child (only one thread may wait for it).
+            self._reader.join(drain_timeout_s + _STOP_GRACE_S)
+            if self._reader.is_alive():
+                log.warning("the engine process did not stop in time; killing it")
+                self._process.kill()
+                self._reader.join()
+            self._conn.close()
+            self._process.close()
+            self._stopped = True
+
+    # -- the pipe ------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._health.dead:
+            raise EngineClosedError("the engine process is not running")
+        if not self._accepting:
+            raise EngineClosedError("the engine is shutting down")
+
+    def _send(self, msg) -> None:
+        """Send to the child from any thread; a child that has gone is the reader's to report."""
+        try:
+            with self._send_lock:
+                self._conn.send(msg)
+        except OSError:
+            pass
+
+    def _call(self, make_msg: Callable[[int], Any]) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._health.dead:
+                raise EngineClosedError("the engine process is not running")
+            call_id = next(self._call_ids)
+            self._calls[call_id] = future
+        self._send(make_msg(call_id))
+        return future
+
+    def _read_loop(self) -> None:
+        """The reader thread: dispatch the child's messages until it exits.
+
+        Never sends: the child may be blocked sending to us while we would wait on it.
+        """
+        try:
+            while self._conn in wait([self._conn, self._process.sentinel]):
+                self._dispatch(self._conn.recv())
+        except (EOFError, OSError):
+            pass
+        except BaseException:
+            log.exception("the engine process reader failed; stopping the engine process")
+            self._process.kill()
+        finally:
+            self._process.join()
+            self._on_child_exit()
+
+    def _dispatch(self, msg) -> None:
+        if isinstance(msg, _Deltas):
+            to_wake = []
+            with self._lock:
+                for item in msg.items:
+                    delta = _decode(item)
+                    stream = (self._streams.pop(delta.request_id, None) if delta.finished
+                              else self._streams.get(delta.request_id))
+                    if stream is not None and stream.push(delta):
+                        to_wake.append(stream)
+            wake(to_wake)
+        elif isinstance(msg, _Reply):
+            with self._lock:
+                future = self._calls.pop(msg.call_id)
+            if future.set_running_or_notify_cancel():  # False: the caller stopped waiting
+                if msg.error is not None:
+                    future.set_exception(msg.error)
+                else:
+                    future.set_result(msg.value)
+        elif isinstance(msg, _Heartbeat):
+            self._health.engine_healthy = msg.healthy
+            self._health.reported_at = time.monotonic()
+
+    def _on_child_exit(self) -> None:
+        """End every open stream and call: the child is gone."""
+        self._exitcode = self._process.exitcode
+        reason = f"the engine process exited (exit code {self._exitcode})"
+        with self._lock:
+            self._health.dead = True
+            streams, self._streams = list(self._streams.values()), {}
+            calls, self._calls = list(self._calls.values()), {}
+        for future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineClosedError(reason))
+        now = time.monotonic()
+        for stream in streams:
+            stream.push(RequestOutput(
+                stream.request_id, finish_reason=FinishReason.ERROR, error=reason,
+                error_code=EngineClosedError.code, usage=Usage(0, stream.received_tokens),
+                timings=Timings(total_s=now - stream.submitted_at)))
+        wake(streams)
+
+
+# -- the child's side --------------------------------------------------------------------------------
+class _ForwardedStream(RequestStream):
+    """The child's end of a request, whose reader is the parent process.
+
+    Tokens sent to the parent but not yet read there still count as buffered, so the
+    scheduler's backpressure (pause, stalled-reader timeout) acts on the real reader.
+    """
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop,
+                 on_cancel: Callable[[str], None], on_ready: Callable[[_ForwardedStream], None]):
+        super().__init__(request_id, loop, on_cancel)
+        self._on_ready = on_ready
+        self.unread = 0   # tokens sent to the parent that its reader has not read yet
+
+    @property
+    def buffered_tokens(self) -> int:
+        return super().buffered_tokens + self.unread
+
+    def _set_ready(self) -> None:
+        self._on_ready(self)
+
+    def take(self) -> RequestOutput | None:
+        """The pending delta, to send to the parent."""
+        with self._lock:
+            delta, self._pending = self._pending, None
+        if delta is not None:
+            self.unread += len(delta.token_ids)
+            self._finished = delta.finished
+        return delta
+
+    def read(self, tokens: int) -> None:
+        """The parent's reader has consumed ``tokens``."""
+        self.unread -= tokens
+        self.last_read = time.monotonic()
+
+
+def _child_main(conn: Connection, config: EngineConfig, parent_pid: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the parent's to handle
+    try:
+        engine = Engine(config)
+    except BaseException as exc:
+        conn.send(_Ready([], _portable(exc)))
+        return
+    conn.send(_Ready(engine.list_models()))
+    asyncio.run(_Child(engine, conn, parent_pid).serve())
+
+
+class _Child:
+    """The child process's event loop: feeds the engine and forwards its output.
+
+    Every send happens on this loop's thread.
+    """
+
+    def __init__(self, engine: Engine, conn: Connection, parent_pid: int):
+        self.engine = engine
+        self.conn = conn
+        self.parent_pid = parent_pid
+        self.streams: dict[str, _ForwardedStream] = {}
+        self.ready: list[_ForwardedStream] = []   # given output since the last forward
+        self.forward_scheduled = False
+
+    async def serve(self) -> None:
+        """Run until the parent asks to stop or goes away, then stop the engine."""
+        self.loop = asyncio.get_running_loop()
+        self.stop = self.loop.create_future()   # its result: the drain timeout
+        self.loop.add_reader(self.conn.fileno(), self._on_readable)
+        heartbeat = self.loop.create_task(self._heartbeat())
+        drain_timeout_s = await self.stop
+        # On a worker thread: the loop keeps forwarding (and taking reads) while it drains.
+        await asyncio.to_thread(self.engine.shutdown, drain_timeout_s)
+        heartbeat.cancel()
+        self._forward(list(self.streams.values()))   # the ends of requests cut short
+        self.loop.remove_reader(self.conn.fileno())
+        self.conn.close()
+
+    def _request_stop(self, drain_timeout_s: float) -> None:
+        if not self.stop.done():
+            self.stop.set_result(drain_timeout_s)
+
+    def _send(self, msg) -> None:
+        try:
+            self.conn.send(msg)
+        except OSError:   # the parent is gone
+            self._request_stop(0.0)
+
+    def _on_readable(self) -> None:
+        try:
+            while self.conn.poll():
+                self._handle(self.conn.recv())
+        except (EOFError, OSError):   # the parent is gone
+            self.loop.remove_reader(self.conn.fileno())
+            self._request_stop(0.0)
+
+    def _handle(self, msg) -> None:
+        if isinstance(msg, _Reads):
+            for request_id, tokens in msg.tokens.items():
+                stream = self.streams.get(request_id)
+                if stream is not None:
+                    stream.read(tokens)
+        elif isinstance(msg, _Submit):
+            try:
+                stream = self.engine.submit(msg.request, self._new_stream)
+            except Exception as exc:
+                if not isinstance(exc, EngineError):
+                    log.exception("submit failed")
+                self._send(_Reply(msg.call_id, error=_portable(exc)))
+            else:
+                self.streams[stream.request_id] = stream
+                self._send(_Reply(msg.call_id))
+        elif isinstance(msg, _Cancel):
+            stream = self.streams.get(msg.request_id)
+            if stream is not None:
+                stream.cancel()
+        elif isinstance(msg, _GetStats):
+            self._send(_Reply(msg.call_id, self.engine.stats()))
+        elif isinstance(msg, _Shutdown):
+            self._request_stop(msg.drain_timeout_s)
+
+    def _new_stream(self, request_id: str, loop: asyncio.AbstractEventLoop,
+                    on_cancel: Callable[[str], None]) -> _ForwardedStream:
+        return _ForwardedStream(request_id, loop, on_cancel, self._on_stream_ready)
+
+    def _on_stream_ready(self, stream: _ForwardedStream) -> None:
+        # The engine thread wakes this loop once per turn for all the streams it fed
+        # (stream.wake), so forwarding on the next pass sends one message per turn.
+        self.ready.append(stream)
+        if not self.forward_scheduled:
+            self.forward_scheduled = True
+            self.loop.call_soon(self._forward_ready)
+
+    def _forward_ready(self) -> None:
+        streams, self.ready, self.forward_scheduled = self.ready, [], False
+        self._forward(streams)
+
+    def _forward(self, streams: list[_ForwardedStream]) -> None:
+        items = []
+        for stream in streams:
+            delta = stream.take()
+            if delta is None:
+                continue
+            items.append(_encode(delta))
+            if delta.finished:
+                self.streams.pop(stream.request_id, None)
+        if items:
+            self._send(_Deltas(items))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            if os.getppid() != self.parent_pid:  # the parent died; the pipe may live on in a fork
+                self._request_stop(0.0)
+                return
+            self._send(_Heartbeat(self.engine.is_healthy()))
+            await asyncio.sleep(_HEARTBEAT_S)
