@@ -2,8 +2,8 @@
 
 A ``Workload`` (seeded, so both sides of a comparison send identical prompts) is driven
 closed-loop by ``run_load`` against a ``Target``: an OpenAI-compatible HTTP endpoint
-(``HttpTarget``) or an in-process engine (``EngineTarget``). The result gives output
-tokens/s, requests/s and TTFT, inter-token and end-to-end latency percentiles::
+(``HttpTarget``) or an engine, in this process or a child one (``EngineTarget``). The result
+gives output tokens/s, requests/s and TTFT, inter-token and end-to-end latency percentiles::
 
     python -m mlx_serving.bench.loadgen --url http://127.0.0.1:8000 --model demo \\
         --concurrency 1 8 32 --requests 64 --prompt-tokens 128 --max-tokens 128
@@ -24,7 +24,7 @@ from typing import AsyncIterator, Awaitable, Callable, Protocol
 import httpx
 import numpy as np
 
-from mlx_serving.engine import Engine, GenerationRequest, SamplingParams
+from mlx_serving.engine import Engine, EngineProcess, GenerationRequest, SamplingParams
 
 # Common English words: each is one token (with its leading space) in most BPE vocabularies.
 _WORDS = """the of and to in is was for on that with as by at from his her they this had not
@@ -160,9 +160,10 @@ def generation_request(spec: RequestSpec, model: str | None = None) -> Generatio
 
 
 class EngineTarget:
-    """An in-process ``Engine``, driven through ``Engine.generate``."""
+    """An engine driven through its ``generate``: an ``Engine`` in this process or an
+    ``EngineProcess`` (the same engine in a child process)."""
 
-    def __init__(self, engine: Engine, model: str | None = None):
+    def __init__(self, engine: Engine | EngineProcess, model: str | None = None):
         self.engine = engine
         self.model = model
 

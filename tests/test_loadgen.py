@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from mlx_serving.bench.loadgen import (EngineTarget, HttpTarget, Workload, format_table, main,
                                        run_load, sweep)
-from mlx_serving.engine import Engine, EngineConfig, ModelConfig
+from mlx_serving.engine import Engine, EngineConfig, EngineProcess, ModelConfig
 
 CHUNKS, TOKENS_PER_CHUNK = 4, 3           # each response: 12 tokens, coalesced 3 to a chunk
 FIRST_DELAY_S, CHUNK_DELAY_S = 0.05, 0.02  # before the first content chunk, between chunks
@@ -168,9 +168,9 @@ def test_cli_sweeps_and_writes_json(server, tmp_path, capsys):
     assert len({b["prompt"] for b in server.bodies}) == 8
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_path):
-    engine = Engine(EngineConfig(models=[ModelConfig(name="tiny", path=str(tiny_model_path))]))
+@pytest.fixture(scope="module", params=[Engine, EngineProcess])
+def engine(request, tiny_model_path):
+    engine = request.param(EngineConfig(models=[ModelConfig(name="tiny", path=str(tiny_model_path))]))
     yield engine
     engine.shutdown()
 
