@@ -1,0 +1,94 @@
+"""The engine in this process against the same engine in a child process (``EngineProcess``).
+
+Both sides get the same workload from the load generator at each concurrency, in
+alternating runs, and the report gives median tokens/s and engine steps/s. ``--gil-load``
+keeps a Python thread of this process holding the GIL for that share of the time (pickling
+chunk-like objects), a stand-in for Ray Serve's per-chunk work in an LLMServer replica:
+it slows an engine thread in this process, not one in the child.
+
+    python -m mlx_serving.bench.process --model models/demo-small --concurrency 8 32 --gil-load 0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pickle
+import statistics
+import sys
+import threading
+import time
+
+from mlx_serving.bench.engine import machine
+from mlx_serving.bench.loadgen import EngineTarget, LoadResult, Workload, run_load
+from mlx_serving.engine import Engine, EngineConfig, EngineProcess, ModelConfig
+
+SIDES = ("in-process", "child process")
+
+
+def hold_gil(share: float, stop: threading.Event) -> None:
+    """Hold the GIL for ``share`` of every millisecond until ``stop`` is set."""
+    chunk = [{"text": "word", "num_tokens": 1, "finish_reason": None}] * 8
+    while not stop.is_set():
+        until = time.perf_counter() + share * 1e-3
+        while time.perf_counter() < until:
+            pickle.loads(pickle.dumps(chunk))
+        time.sleep((1 - share) * 1e-3)
+
+
+async def measure(engine: Engine | EngineProcess, workload: Workload, concurrency: int) -> LoadResult:
+    async def probe() -> dict[str, float]:
+        return {"steps": engine.stats().steps}
+
+    return await run_load(EngineTarget(engine), workload, concurrency, probe)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[8])
+    p.add_argument("--requests", type=int, default=32, help="measured requests per run")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gil-load", type=float, default=0.0,
+                   help="share of time a thread of this process holds the GIL (0-1)")
+    args = p.parse_args(argv)
+    config = EngineConfig(models=[ModelConfig(name="bench", path=args.model)],
+                          max_batch_size=max(args.concurrency), prompt_cache_bytes=0)
+    engines = {SIDES[0]: Engine(config), SIDES[1]: EngineProcess(config)}
+    stop = threading.Event()
+    if args.gil_load:
+        threading.Thread(target=hold_gil, args=(args.gil_load, stop), daemon=True).start()
+    print(f"machine: {machine()}\nmodel: {args.model}; {args.prompt_tokens}-token prompts, "
+          f"{args.max_tokens} new tokens, {args.requests} requests a run, median of "
+          f"{args.repeats}; GIL load in this process: {args.gil_load:.0%}\n")
+    print("| concurrent | side | tok/s (min–max) | engine steps/s | TTFT p50 ms | ITL p50 ms |")
+    print("|---|---|---|---|---|---|")
+    try:
+        for level, concurrency in enumerate(args.concurrency):
+            runs: dict[str, list[LoadResult]] = {side: [] for side in SIDES}
+            for r in range(args.repeats):
+                workload = Workload(requests=args.requests, prompt_tokens=args.prompt_tokens,
+                                    max_tokens=args.max_tokens, warmup=concurrency,
+                                    seed=1000 * level + r)
+                order = SIDES if r % 2 == 0 else SIDES[::-1]  # drift falls on both sides alike
+                for side in order:
+                    runs[side].append(asyncio.run(measure(engines[side], workload, concurrency)))
+            for side in SIDES:
+                results = runs[side]
+                tok_s = [x.output_tok_s for x in results]
+                steps_s = statistics.median(x.counters["steps"] / x.duration_s for x in results)
+                print(f"| {concurrency} | {side} | {statistics.median(tok_s):,.0f} "
+                      f"({min(tok_s):,.0f}–{max(tok_s):,.0f}) | {steps_s:,.0f} "
+                      f"| {statistics.median(x.ttft_ms['p50'] for x in results):,.1f} "
+                      f"| {statistics.median(x.itl_ms['p50'] for x in results):,.2f} |")
+    finally:
+        stop.set()
+        for engine in engines.values():
+            engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
