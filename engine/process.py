@@ -24,20 +24,24 @@ Protocol: typed messages over one duplex pipe.
                      _Deltas([...])             every delta of one engine loop turn, all streams
                      _Heartbeat(healthy)        every _HEARTBEAT_S
 
-In the child, each request's stream is a ``_ForwardedStream`` owned by one event loop.
-The engine thread already wakes each event loop once per turn for all the streams it fed
-(``stream.wake``); that wake-up sends one ``_Deltas``. In the parent a reader thread
+In the child, every request's stream is a ``_ForwardedStream`` on the child's one event
+loop. The engine thread already wakes each event loop once per turn for all the streams it
+fed (``stream.wake``); that wake-up sends one ``_Deltas``. In the parent a reader thread
 hands each batch to the callers' ``RequestStream`` s, again with one wake-up per event loop.
 
 Flow control: the child counts the tokens it sent but the parent's reader has not read
 yet (the parent reports reads in ``_Reads``) as still buffered, so the scheduler pauses a
-sequence whose reader lags and ends it after ``stalled_reader_timeout_s`` exactly as in
+sequence whose reader lags and ends it after ``stalled_reader_timeout_s`` as it does in
 process; the parent holds at most ``stream_buffer_tokens`` plus one step per request.
 
 Failure: if the child exits (crash, kill), the reader thread sees the pipe close or the
 process end and ends every open stream with an ``engine_closed`` error; new submits raise
 ``EngineClosedError`` and ``is_healthy`` is False. The child exits when the parent does
 (the pipe closes, or its parent process id changes).
+
+The child is started with multiprocessing's "spawn" method, which imports the parent's
+``__main__`` module again in the child: a script that creates an ``EngineProcess`` must keep
+its entry point under ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
@@ -145,7 +149,7 @@ def _portable(exc: BaseException) -> EngineError:
     return EngineError(f"{type(exc).__name__}: {exc}")
 
 
-# -- the parent's side -------------------------------------------------------------------------------
+# -- the parent's side -----------------------------------------------------------------------------
 class _ParentStream(RequestStream):
     """A stream fed by the reader thread; tells the child what its reader has consumed."""
 
@@ -357,7 +361,7 @@ class EngineProcess:
             self._process.close()
             self._stopped = True
 
-    # -- the pipe ------------------------------------------------------------------------------------
+    # -- the pipe ----------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._health.dead:
             raise EngineClosedError("the engine process is not running")
@@ -442,7 +446,7 @@ class EngineProcess:
         wake(streams)
 
 
-# -- the child's side --------------------------------------------------------------------------------
+# -- the child's side ------------------------------------------------------------------------------
 class _ForwardedStream(RequestStream):
     """The child's end of a request, whose reader is the parent process.
 
@@ -542,23 +546,30 @@ class _Child:
                 if stream is not None:
                     stream.read(tokens)
         elif isinstance(msg, _Submit):
-            try:
-                stream = self.engine.submit(msg.request, self._new_stream)
-            except Exception as exc:
-                if not isinstance(exc, EngineError):
-                    log.exception("submit failed")
-                self._send(_Reply(msg.call_id, error=_portable(exc)))
-            else:
-                self.streams[stream.request_id] = stream
-                self._send(_Reply(msg.call_id))
+            self._answer(msg.call_id, lambda: self._open(msg.request))
         elif isinstance(msg, _Cancel):
             stream = self.streams.get(msg.request_id)
             if stream is not None:
                 stream.cancel()
         elif isinstance(msg, _GetStats):
-            self._send(_Reply(msg.call_id, self.engine.stats()))
+            self._answer(msg.call_id, self.engine.stats)
         elif isinstance(msg, _Shutdown):
             self._request_stop(msg.drain_timeout_s)
+
+    def _answer(self, call_id: int, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` and send its result, or its error, to the parent's waiting call."""
+        try:
+            value = fn()
+        except Exception as exc:
+            if not isinstance(exc, EngineError):
+                log.exception("a call from the parent process failed")
+            self._send(_Reply(call_id, error=_portable(exc)))
+        else:
+            self._send(_Reply(call_id, value))
+
+    def _open(self, request: GenerationRequest) -> None:
+        stream = self.engine.submit(request, self._new_stream)
+        self.streams[stream.request_id] = stream
 
     def _new_stream(self, request_id: str, loop: asyncio.AbstractEventLoop,
                     on_cancel: Callable[[str], None]) -> _ForwardedStream:
