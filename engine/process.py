@@ -16,8 +16,9 @@ Protocol: typed messages over one duplex pipe.
     parent -> child  _Submit(call_id, request)  validate (Engine.submit) and queue; a _Reply
                      _GetStats(call_id)         a _Reply holding EngineStats
                      _Cancel(request_id)
-                     _Reads({request_id: n})    tokens the callers read; at most one per turn
-                                                of a caller's event loop
+                     _Reads({request_id: n})    tokens the callers read, per stream in steps of
+                                                a quarter of stream_buffer_tokens; at most one
+                                                message per turn of a caller's event loop
                      _Shutdown(drain_timeout_s)
     child -> parent  _Ready(models | error)     once, when the models are loaded
                      _Reply(call_id, value, error)
@@ -32,7 +33,8 @@ hands each batch to the callers' ``RequestStream`` s, again with one wake-up per
 Flow control: the child counts the tokens it sent but the parent's reader has not read
 yet (the parent reports reads in ``_Reads``) as still buffered, so the scheduler pauses a
 sequence whose reader lags and ends it after ``stalled_reader_timeout_s`` as it does in
-process; the parent holds at most ``stream_buffer_tokens`` plus one step per request.
+process; the parent holds at most ``stream_buffer_tokens`` plus one step per request. A
+prompt reader's lag looks up to a quarter of the buffer larger in the child than it is.
 
 Failure: if the child exits (crash, kill), the reader thread sees the pipe close or the
 process end and ends every open stream with an ``engine_closed`` error; new submits raise
@@ -151,12 +153,19 @@ def _portable(exc: BaseException) -> EngineError:
 
 # -- the parent's side -----------------------------------------------------------------------------
 class _ParentStream(RequestStream):
-    """A stream fed by the reader thread; tells the child what its reader has consumed."""
+    """A stream fed by the reader thread; tells the child what its reader has consumed.
+
+    Reads are reported once they add up to ``report_every`` tokens: often enough for the
+    child to pause and resume the sequence in time (a reader that catches up on a paused
+    sequence reads a whole buffer), at a fraction of the messages.
+    """
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop,
-                 on_cancel: Callable[[str], None], reads: _ReadReports):
+                 on_cancel: Callable[[str], None], reads: _ReadReports, report_every: int):
         super().__init__(request_id, loop, on_cancel)
         self._reads = reads
+        self._report_every = report_every
+        self._unreported = 0
         self.submitted_at = time.monotonic()
         self.received_tokens = 0
 
@@ -166,8 +175,11 @@ class _ParentStream(RequestStream):
 
     async def __anext__(self) -> RequestOutput:
         delta = await super().__anext__()
-        if delta.token_ids and not delta.finished:  # after the final the child forgets the request
-            self._reads.add(self._loop, self.request_id, len(delta.token_ids))
+        self._unreported += len(delta.token_ids)
+        # After the final delta the child has forgotten the request.
+        if self._unreported >= self._report_every and not delta.finished:
+            self._reads.add(self._loop, self.request_id, self._unreported)
+            self._unreported = 0
         return delta
 
 
@@ -242,6 +254,7 @@ class EngineProcess:
         self._stopped = False
         self._stop_lock = threading.Lock()
         self._reads = _ReadReports(self._send)
+        self._report_every = max(1, config.stream_buffer_tokens // 4)
         try:
             self._infos = self._wait_ready()
             self._models = {info.name: ModelTokenizer.load(info) for info in self._infos}
@@ -298,7 +311,8 @@ class EngineProcess:
         EngineClosedError) as ``Engine.submit`` does.
         """
         request_id = request.request_id
-        stream = _ParentStream(request_id, asyncio.get_running_loop(), self._cancel, self._reads)
+        stream = _ParentStream(request_id, asyncio.get_running_loop(), self._cancel, self._reads,
+                               self._report_every)
         with self._lock:
             self._check_open()
             if request_id in self._streams:
