@@ -62,9 +62,9 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
-# Importing multiprocessing.connection registers multiprocessing's own exit handler (which
-# terminates daemonic children) before ours below; atexit runs handlers last-in first-out,
-# so ours drains the engine first.
+# multiprocessing.connection imports multiprocessing.util, which registers multiprocessing's
+# exit handler (it terminates daemonic children); atexit runs handlers last-in first-out, so
+# ours, registered below, normally drains the engine first.
 from multiprocessing.connection import Connection, wait
 
 from mlx_serving.engine.config import EngineConfig
