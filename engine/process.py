@@ -11,27 +11,14 @@ pickling of every streamed chunk, and steps 35-45% slower than in a plain proces
         ...
     engine.shutdown(drain_timeout_s=5.0)
 
-Protocol: typed messages over one duplex pipe.
-
-    parent -> child  _Submit(call_id, request)  validate (Engine.submit) and queue; a _Reply
-                     _GetStats(call_id)         a _Reply holding EngineStats
-                     _Cancel(request_id)
-                     _Reads({request_id: n})    tokens the callers read, per stream in steps of
-                                                a quarter of stream_buffer_tokens; at most one
-                                                message per turn of a caller's event loop
-                     _Shutdown(drain_timeout_s)
-    child -> parent  _Ready(models | error)     once, when the models are loaded
-                     _Reply(call_id, value, error)
-                     _Deltas([...])             every delta of one engine loop turn, all streams
-                     _Heartbeat(healthy)        every _HEARTBEAT_S
-
-In the child, every request's stream is a ``_ForwardedStream`` on the child's one event
+Typed messages cross one duplex pipe (``process_wire``). In the child
+(``process_child``), every request's stream is a ``_ForwardedStream`` on the child's one event
 loop. The engine thread already wakes each event loop once per turn for all the streams it
-fed (``stream.wake``); that wake-up sends one ``_Deltas``. In the parent a reader thread
+fed (``stream.wake``); that wake-up sends one ``Deltas``. In the parent a reader thread
 hands each batch to the callers' ``RequestStream`` s, again with one wake-up per event loop.
 
 Flow control: the child counts the tokens it sent but the parent's reader has not read
-yet (the parent reports reads in ``_Reads``) as still buffered, so the scheduler pauses a
+yet (the parent reports reads in ``Reads``) as still buffered, so the scheduler pauses a
 sequence whose reader lags and ends it after ``stalled_reader_timeout_s`` as it does in
 process; the parent holds at most ``stream_buffer_tokens`` plus one step per request. A
 prompt reader's lag looks up to a quarter of the buffer larger in the child than it is.
@@ -55,7 +42,6 @@ import itertools
 import logging
 import multiprocessing
 import os
-import signal
 import threading
 import time
 import weakref
@@ -65,93 +51,25 @@ from typing import Any, AsyncIterator, Callable
 # multiprocessing.connection imports multiprocessing.util, which registers multiprocessing's
 # exit handler (it terminates daemonic children); atexit runs handlers last-in first-out, so
 # ours, registered below, normally drains the engine first.
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 
 from mlx_serving.engine.config import EngineConfig
-from mlx_serving.engine.engine import Engine, EngineStats
+from mlx_serving.engine.engine import EngineStats
 from mlx_serving.engine.errors import EngineClosedError, EngineError, InvalidRequestError
 from mlx_serving.engine.model import ModelInfo, ModelTokenizer, pick_model
 from mlx_serving.engine.outputs import FinishReason, RequestOutput, Timings, Usage
 from mlx_serving.engine.params import GenerationRequest
+from mlx_serving.engine.process_child import child_main
+from mlx_serving.engine.process_wire import (Cancel, Deltas, GetStats, Heartbeat, Reads, Ready,
+                                             Reply, Shutdown, Submit, decode_delta)
 from mlx_serving.engine.stream import RequestStream, wake
 
 log = logging.getLogger(__name__)
 
-_HEARTBEAT_S = 1.0     # how often the child reports its engine's health
 _STOP_GRACE_S = 30.0   # after the drain, how long the child may take to stop its engine
 _CALL_TIMEOUT_S = 30.0
 
 
-# -- messages ----------------------------------------------------------------------------------
-@dataclass
-class _Submit:
-    call_id: int
-    request: GenerationRequest
-
-
-@dataclass
-class _GetStats:
-    call_id: int
-
-
-@dataclass
-class _Cancel:
-    request_id: str
-
-
-@dataclass
-class _Reads:
-    tokens: dict[str, int]   # request id -> tokens read since the last report
-
-
-@dataclass
-class _Shutdown:
-    drain_timeout_s: float
-
-
-@dataclass
-class _Ready:
-    models: list[ModelInfo]
-    error: EngineError | None = None
-
-
-@dataclass
-class _Reply:
-    call_id: int
-    value: Any = None
-    error: EngineError | None = None
-
-
-@dataclass
-class _Deltas:
-    items: list   # see _encode
-
-
-@dataclass
-class _Heartbeat:
-    healthy: bool
-
-
-def _encode(delta: RequestOutput):
-    # Pickling a slotted dataclass costs ~15x a tuple (6 against 0.4 us a delta): plain
-    # token deltas, nearly all of them, cross as (request_id, text, token_ids).
-    if delta.logprobs is None and not delta.finished:
-        return delta.request_id, delta.text, delta.token_ids
-    return delta
-
-
-def _decode(item) -> RequestOutput:
-    return RequestOutput(*item) if isinstance(item, tuple) else item
-
-
-def _portable(exc: BaseException) -> EngineError:
-    """The error to send across: the engine's own as is, anything else (a bug) as EngineError."""
-    if isinstance(exc, EngineError):
-        return exc
-    return EngineError(f"{type(exc).__name__}: {exc}")
-
-
-# -- the parent's side -----------------------------------------------------------------------------
 class _ParentStream(RequestStream):
     """A stream fed by the reader thread; tells the child what its reader has consumed.
 
@@ -204,7 +122,7 @@ class _ReadReports:
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
             tokens = self._tokens.pop(loop)
-        self._send(_Reads(tokens))
+        self._send(Reads(tokens))
 
 
 @dataclass
@@ -239,7 +157,7 @@ class EngineProcess:
         self.config = config
         ctx = multiprocessing.get_context("spawn")   # fork is unsafe with MLX's threads
         self._conn, child_conn = ctx.Pipe()
-        self._process = ctx.Process(target=_child_main, args=(child_conn, config, os.getpid()),
+        self._process = ctx.Process(target=child_main, args=(child_conn, config, os.getpid()),
                                     name="mlx-engine", daemon=True)
         self._process.start()
         self._pid = self._process.pid
@@ -276,7 +194,7 @@ class EngineProcess:
                 msg = self._conn.recv()
             except EOFError:
                 pass
-        if not isinstance(msg, _Ready):
+        if not isinstance(msg, Ready):
             self._process.join()
             raise EngineClosedError(
                 f"the engine process exited while starting (exit code {self._process.exitcode})")
@@ -320,7 +238,7 @@ class EngineProcess:
                                           param="request_id")
             self._streams[request_id] = stream
         try:
-            await asyncio.wrap_future(self._call(lambda call_id: _Submit(call_id, request)))
+            await asyncio.wrap_future(self._call(lambda call_id: Submit(call_id, request)))
         except BaseException as exc:
             with self._lock:
                 if self._streams.get(request_id) is stream:
@@ -340,13 +258,13 @@ class EngineProcess:
             stream.cancel()
 
     def _cancel(self, request_id: str) -> None:
-        self._send(_Cancel(request_id))
+        self._send(Cancel(request_id))
 
     # -- state -----------------------------------------------------------------------------------
     def stats(self, timeout_s: float = _CALL_TIMEOUT_S) -> EngineStats:
         """The child engine's ``EngineStats`` (a round trip; raises TimeoutError if the child
         does not answer within ``timeout_s``)."""
-        return self._call(_GetStats).result(timeout_s)
+        return self._call(GetStats).result(timeout_s)
 
     def is_healthy(self, stuck_after_s: float = 120.0) -> bool:
         """False when the child has exited, its engine reports itself unhealthy, or it has
@@ -364,7 +282,7 @@ class EngineProcess:
                 return
             with self._lock:
                 self._accepting = False
-            self._send(_Shutdown(drain_timeout_s))
+            self._send(Shutdown(drain_timeout_s))
             # The reader thread reaps the child (only one thread may wait for it).
             self._reader.join(drain_timeout_s + _STOP_GRACE_S)
             if self._reader.is_alive():
@@ -418,17 +336,17 @@ class EngineProcess:
             self._on_child_exit()
 
     def _dispatch(self, msg) -> None:
-        if isinstance(msg, _Deltas):
+        if isinstance(msg, Deltas):
             to_wake = []
             with self._lock:
                 for item in msg.items:
-                    delta = _decode(item)
+                    delta = decode_delta(item)
                     stream = (self._streams.pop(delta.request_id, None) if delta.finished
                               else self._streams.get(delta.request_id))
                     if stream is not None and stream.push(delta):
                         to_wake.append(stream)
             wake(to_wake)
-        elif isinstance(msg, _Reply):
+        elif isinstance(msg, Reply):
             with self._lock:
                 future = self._calls.pop(msg.call_id)
             if future.set_running_or_notify_cancel():  # False: the caller stopped waiting
@@ -436,7 +354,7 @@ class EngineProcess:
                     future.set_exception(msg.error)
                 else:
                     future.set_result(msg.value)
-        elif isinstance(msg, _Heartbeat):
+        elif isinstance(msg, Heartbeat):
             self._health.engine_healthy = msg.healthy
             self._health.reported_at = time.monotonic()
 
@@ -460,163 +378,3 @@ class EngineProcess:
         wake(streams)
 
 
-# -- the child's side ------------------------------------------------------------------------------
-class _ForwardedStream(RequestStream):
-    """The child's end of a request, whose reader is the parent process.
-
-    Tokens sent to the parent but not yet read there still count as buffered, so the
-    scheduler's backpressure (pause, stalled-reader timeout) acts on the real reader.
-    """
-
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop,
-                 on_cancel: Callable[[str], None], on_ready: Callable[[_ForwardedStream], None]):
-        super().__init__(request_id, loop, on_cancel)
-        self._on_ready = on_ready
-        self.unread = 0   # tokens sent to the parent that its reader has not read yet
-
-    @property
-    def buffered_tokens(self) -> int:
-        return super().buffered_tokens + self.unread
-
-    def _set_ready(self) -> None:
-        self._on_ready(self)
-
-    def take(self) -> RequestOutput | None:
-        """The pending delta, to send to the parent."""
-        with self._lock:
-            delta, self._pending = self._pending, None
-        if delta is not None:
-            self.unread += len(delta.token_ids)
-            self._finished = delta.finished
-        return delta
-
-    def read(self, tokens: int) -> None:
-        """The parent's reader has consumed ``tokens``."""
-        self.unread -= tokens
-        self.last_read = time.monotonic()
-
-
-def _child_main(conn: Connection, config: EngineConfig, parent_pid: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the parent's to handle
-    try:
-        engine = Engine(config)
-    except BaseException as exc:
-        conn.send(_Ready([], _portable(exc)))
-        return
-    conn.send(_Ready(engine.list_models()))
-    asyncio.run(_Child(engine, conn, parent_pid).serve())
-
-
-class _Child:
-    """The child process's event loop: feeds the engine and forwards its output.
-
-    Every send happens on this loop's thread.
-    """
-
-    def __init__(self, engine: Engine, conn: Connection, parent_pid: int):
-        self.engine = engine
-        self.conn = conn
-        self.parent_pid = parent_pid
-        self.streams: dict[str, _ForwardedStream] = {}
-        self.ready: list[_ForwardedStream] = []   # given output since the last forward
-        self.forward_scheduled = False
-
-    async def serve(self) -> None:
-        """Run until the parent asks to stop or goes away, then stop the engine."""
-        self.loop = asyncio.get_running_loop()
-        self.stop = self.loop.create_future()   # its result: the drain timeout
-        self.loop.add_reader(self.conn.fileno(), self._on_readable)
-        heartbeat = self.loop.create_task(self._heartbeat())
-        drain_timeout_s = await self.stop
-        # On a worker thread: the loop keeps forwarding (and taking reads) while it drains.
-        await asyncio.to_thread(self.engine.shutdown, drain_timeout_s)
-        heartbeat.cancel()
-        self._forward(list(self.streams.values()))   # the ends of requests cut short
-        self.loop.remove_reader(self.conn.fileno())
-        self.conn.close()
-
-    def _request_stop(self, drain_timeout_s: float) -> None:
-        if not self.stop.done():
-            self.stop.set_result(drain_timeout_s)
-
-    def _send(self, msg) -> None:
-        try:
-            self.conn.send(msg)
-        except OSError:   # the parent is gone
-            self._request_stop(0.0)
-
-    def _on_readable(self) -> None:
-        try:
-            while self.conn.poll():
-                self._handle(self.conn.recv())
-        except (EOFError, OSError):   # the parent is gone
-            self.loop.remove_reader(self.conn.fileno())
-            self._request_stop(0.0)
-
-    def _handle(self, msg) -> None:
-        if isinstance(msg, _Reads):
-            for request_id, tokens in msg.tokens.items():
-                stream = self.streams.get(request_id)
-                if stream is not None:
-                    stream.read(tokens)
-        elif isinstance(msg, _Submit):
-            self._answer(msg.call_id, lambda: self._open(msg.request))
-        elif isinstance(msg, _Cancel):
-            stream = self.streams.get(msg.request_id)
-            if stream is not None:
-                stream.cancel()
-        elif isinstance(msg, _GetStats):
-            self._answer(msg.call_id, self.engine.stats)
-        elif isinstance(msg, _Shutdown):
-            self._request_stop(msg.drain_timeout_s)
-
-    def _answer(self, call_id: int, fn: Callable[[], Any]) -> None:
-        """Run ``fn`` and send its result, or its error, to the parent's waiting call."""
-        try:
-            value = fn()
-        except Exception as exc:
-            if not isinstance(exc, EngineError):
-                log.exception("a call from the parent process failed")
-            self._send(_Reply(call_id, error=_portable(exc)))
-        else:
-            self._send(_Reply(call_id, value))
-
-    def _open(self, request: GenerationRequest) -> None:
-        stream = self.engine.submit(request, self._new_stream)
-        self.streams[stream.request_id] = stream
-
-    def _new_stream(self, request_id: str, loop: asyncio.AbstractEventLoop,
-                    on_cancel: Callable[[str], None]) -> _ForwardedStream:
-        return _ForwardedStream(request_id, loop, on_cancel, self._on_stream_ready)
-
-    def _on_stream_ready(self, stream: _ForwardedStream) -> None:
-        # The engine thread wakes this loop once per turn for all the streams it fed
-        # (stream.wake), so forwarding on the next pass sends one message per turn.
-        self.ready.append(stream)
-        if not self.forward_scheduled:
-            self.forward_scheduled = True
-            self.loop.call_soon(self._forward_ready)
-
-    def _forward_ready(self) -> None:
-        streams, self.ready, self.forward_scheduled = self.ready, [], False
-        self._forward(streams)
-
-    def _forward(self, streams: list[_ForwardedStream]) -> None:
-        items = []
-        for stream in streams:
-            delta = stream.take()
-            if delta is None:
-                continue
-            items.append(_encode(delta))
-            if delta.finished:
-                self.streams.pop(stream.request_id, None)
-        if items:
-            self._send(_Deltas(items))
-
-    async def _heartbeat(self) -> None:
-        while True:
-            if os.getppid() != self.parent_pid:  # the parent died; the pipe may live on in a fork
-                self._request_stop(0.0)
-                return
-            self._send(_Heartbeat(self.engine.is_healthy()))
-            await asyncio.sleep(_HEARTBEAT_S)

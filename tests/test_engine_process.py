@@ -26,7 +26,7 @@ from mlx_serving.engine import (
     ModelNotFoundError,
     SamplingParams,
 )
-from mlx_serving.engine.process import _Deltas
+from mlx_serving.engine.process_wire import Deltas
 
 BUFFER_TOKENS = 8
 STALL_S = 3.0
@@ -104,7 +104,7 @@ def test_one_message_per_engine_turn(proc, monkeypatch):
     dispatch = proc._dispatch
 
     def counting(msg):
-        if isinstance(msg, _Deltas):
+        if isinstance(msg, Deltas):
             messages.append(len(msg.items))
         dispatch(msg)
 
