@@ -84,7 +84,7 @@ class _Child:
         self.conn = conn
         self.parent_pid = parent_pid
         self.streams: dict[str, _ForwardedStream] = {}
-        self.ready: list[_ForwardedStream] = []   # given output since the last forward
+        self.to_forward: list[_ForwardedStream] = []   # given output since the last forward
         self.forward_scheduled = False
 
     async def serve(self) -> None:
@@ -158,13 +158,13 @@ class _Child:
     def _on_stream_ready(self, stream: _ForwardedStream) -> None:
         # The engine thread wakes this loop once per turn for all the streams it fed
         # (stream.wake), so forwarding on the next pass sends one message per turn.
-        self.ready.append(stream)
+        self.to_forward.append(stream)
         if not self.forward_scheduled:
             self.forward_scheduled = True
             self.loop.call_soon(self._forward_ready)
 
     def _forward_ready(self) -> None:
-        streams, self.ready, self.forward_scheduled = self.ready, [], False
+        streams, self.to_forward, self.forward_scheduled = self.to_forward, [], False
         self._forward(streams)
 
     def _forward(self, streams: list[_ForwardedStream]) -> None:
