@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-chunks-per-s", type=float, help="override the LLMServer setting")
     p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                    help="an engine setting for every path, e.g. prefill_batch_size=16 (YAML value)")
+    p.add_argument("--engine-process", action="store_true",
+                   help="the replica runs its engine in a child process (engine_process: true)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     engine_settings = {}
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: v for k, v in (("chunk_interval_ms", args.chunk_interval_ms),
                                   ("max_chunks_per_s", args.max_chunks_per_s)) if v is not None}
     config = stable_config(args.model, args.max_batch_size, settings, engine_settings)
+    config["applications"][0]["args"]["variants"]["stable"]["engine_process"] = args.engine_process
     levels = [(n, Workload(requests=max(16, n * args.requests_per_stream),
                            prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
                            warmup=min(n, 8), seed=n))

@@ -37,6 +37,6 @@ def build_app(args: dict[str, Any]) -> Application:
         servers[name] = LLMServer.options(
             name=server_deployment_name(name), ray_actor_options=actor,
             user_config=variant.settings.model_dump(), **options,
-        ).bind(name, variant.engine.model_dump(), telemetry)
+        ).bind(name, variant.engine.model_dump(), telemetry, variant.engine_process)
     return Router.options(**config.router).bind(config.model_dump(), servers, telemetry,
                                                 controller)

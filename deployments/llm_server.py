@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 import os
 import random
@@ -16,7 +17,8 @@ from ray import serve
 from mlx_serving.deployments.settings import ServerSettings
 from mlx_serving.deployments.telemetry import Reporter, replica_id
 from mlx_serving.deployments.wire import Chunk, TokenInfo
-from mlx_serving.engine import Engine, EngineConfig, GenerationRequest, RequestOutput
+from mlx_serving.engine import (Engine, EngineConfig, EngineProcess, GenerationRequest,
+                                RequestOutput)
 from mlx_serving.engine.blas import is_preloaded
 from mlx_serving.engine.errors import EngineError
 
@@ -42,9 +44,10 @@ class InjectedFaultError(EngineError):
 class LLMServer:
     """Serves one variant's models from one Engine; streams coalesced chunks to the Router."""
 
-    def __init__(self, variant: str, engine: dict, telemetry=None):
+    def __init__(self, variant: str, engine: dict, telemetry=None, engine_process: bool = False):
         self.variant = variant
-        self.engine = Engine(EngineConfig.model_validate(engine))
+        config = EngineConfig.model_validate(engine)
+        self.engine = EngineProcess(config) if engine_process else Engine(config)
         self.settings = ServerSettings()
         self.replica = replica_id()
         self._active = 0
@@ -71,6 +74,8 @@ class LLMServer:
         """
         await self._inject_faults()
         stream = self.engine.submit(request)
+        if inspect.isawaitable(stream):  # EngineProcess: the child validates the request
+            stream = await stream
         tokenizer = self.engine.model(request.model).tokenizer
         self._active += 1
         try:

@@ -47,6 +47,10 @@ class VariantConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     engine: EngineConfig = Field(description="The engine of each replica: models, batch, memory.")
+    engine_process: bool = Field(
+        default=False,
+        description="Run each replica's engine in a child process, so that Serve's per-chunk "
+                    "work in the replica does not compete with the engine thread for the GIL.")
     settings: ServerSettings = Field(default_factory=ServerSettings)
     deployment: dict[str, Any] = Field(
         default_factory=dict,

@@ -28,7 +28,8 @@ def free_port() -> int:
 
 def test_config(model_path: Path, port: int, state_dir: Path) -> dict:
     """cluster.yaml with the tiny model, keys, one stable LLMServer replica per machine and
-    a declared canary variant (same model, one replica anywhere) for the rollout drills."""
+    a declared canary variant (same model, one replica anywhere, its engine in a child
+    process) for the rollout drills."""
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
     config["http_options"]["port"] = port
     app = config["applications"][0]
@@ -47,6 +48,7 @@ def test_config(model_path: Path, port: int, state_dir: Path) -> dict:
     }
     args["variants"]["canary"] = {
         "engine": stable["engine"],
+        "engine_process": True,  # the drills and canary requests run the child-process engine
         "deployment": {"num_replicas": 1, "max_ongoing_requests": 16, "max_queued_requests": 64,
                        "health_check_period_s": 1, "ray_actor_options": {"num_cpus": 0.25}},
     }
