@@ -11,7 +11,7 @@ from typing import Mapping, TypeVar
 
 import mlx.core as mx
 from mlx_lm import load as mlx_lm_load
-from mlx_lm.utils import load_tokenizer
+from mlx_lm.utils import hf_repo_to_path, load_config, load_tokenizer
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_serving.engine.config import ModelConfig
@@ -72,9 +72,16 @@ class ModelTokenizer:
 
     @classmethod
     def load(cls, info: ModelInfo) -> ModelTokenizer:
-        """The tokenizer of a model an engine has loaded (``info`` as it reports it)."""
+        """The tokenizer of a model an engine has loaded (``info`` as it reports it).
+
+        Resolved as ``mlx_lm.load`` resolves it: a local folder, else the Hugging Face
+        cache entry the engine's load left behind (no download here).
+        """
         try:
-            tokenizer = load_tokenizer(info.path)
+            path = Path(info.path).expanduser()
+            if not path.exists():
+                path = hf_repo_to_path(info.path)
+            tokenizer = load_tokenizer(path, eos_token_ids=load_config(path).get("eos_token_id"))
         except Exception as exc:  # transformers raises many kinds; the caller needs one
             raise ModelLoadError(f"cannot load the tokenizer of {info.name!r} from "
                                  f"{info.path!r}: {exc}") from exc
