@@ -3,7 +3,11 @@
 # random models (bf16), and HTTP through Ray Serve vs the engine in-process (1B).
 # Models are generated on the machine itself (too large to carry).
 #
-#   bash bench/gpu_suite.sh OUTDIR STEP...      STEP: tiny | 1b | 8b | serve-1b | serve-tiny
+#   bash bench/gpu_suite.sh OUTDIR STEP...
+#   STEP: tiny | 1b | 8b            engine vs raw BatchGenerator
+#         serve-SIZE                HTTP / Serve handle / engine in-process (bench.serve)
+#         serve-process-SIZE        the same with the replica's engine in a child process
+#         process-SIZE              engine in-process vs in a child process, no Ray
 #
 # Environment: PYTHON (default python3), MODELS (default /tmp/mlx-serving-models).
 set -euo pipefail
@@ -26,11 +30,21 @@ for step in "$@"; do
       path=$(model "$step")
       "$py" -m mlx_serving.bench.engine --model "$path" --concurrency 1 8 32 64 128 \
         --json "$out/engine-$step.json" | tee "$out/engine-$step.md" ;;
+    serve-process-*)
+      size=${step#serve-process-}
+      path=$(model "$size")
+      "$py" -m mlx_serving.bench.serve --model "$path" --concurrency 8 32 64 --engine-process \
+        --max-batch-size 64 --json "$out/$step.json" | tee "$out/$step.md" ;;
     serve-*)
       size=${step#serve-}
       path=$(model "$size")
       "$py" -m mlx_serving.bench.serve --model "$path" --concurrency 1 8 32 64 \
         --max-batch-size 64 --json "$out/serve-$size.json" | tee "$out/serve-$size.md" ;;
+    process-*)
+      size=${step#process-}
+      path=$(model "$size")
+      "$py" -m mlx_serving.bench.process --model "$path" --concurrency 8 32 64 \
+        --gil-load 0.3 | tee "$out/$step.md" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
