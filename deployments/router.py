@@ -113,8 +113,10 @@ class _Call:
     """One engine request on its way through an LLMServer: timing, metrics, admin view and
     the rollout sample it yields."""
 
-    def __init__(self, router: "Router", route: Route, stream: ActiveStream, started: float):
+    def __init__(self, router: "Router", route: Route, stream: ActiveStream, started: float,
+                 counts_prompt: bool = True):
         self.router, self.route, self.stream = router, route, stream
+        self.counts_prompt = counts_prompt  # False for a prompt's 2nd..nth choice
         self.variant = route.variant
         self.started = started
         self.first = self.last = None
@@ -148,7 +150,8 @@ class _Call:
             self.stream.tokens += chunk.num_tokens
         if chunk.finished:
             m.e2e.labels(*labels).observe(now - self.started)
-            m.prompt_tokens.labels(*labels).inc(chunk.prompt_tokens)
+            if self.counts_prompt:
+                m.prompt_tokens.labels(*labels).inc(chunk.prompt_tokens)
             m.generation_tokens.labels(*labels).inc(chunk.completion_tokens)
             self.finish(error=chunk.finish_reason == "error")
 
@@ -263,11 +266,12 @@ class Router:
         raise HTTPError(404, f"the model {model!r} does not exist; served: {names}",
                         type="not_found_error", param="model", code="model_not_found")
 
-    async def _start(self, route: Route, engine_request) -> tuple[Any, Chunk, _Call]:
+    async def _start(self, route: Route, engine_request,
+                     counts_prompt: bool = True) -> tuple[Any, Chunk, _Call]:
         """Send one engine request; returns its stream and first chunk (errors raise here)."""
         handle = self._servers[route.variant].options(stream=True)
         stream = ActiveStream(engine_request.request_id, route.variant, engine_request.model)
-        call = _Call(self, route, stream, time.perf_counter())
+        call = _Call(self, route, stream, time.perf_counter(), counts_prompt)
         gen = handle.generate.remote(engine_request)
         try:
             first = await gen.__anext__()
@@ -330,11 +334,12 @@ class Router:
             for t in tasks:
                 t.cancel()
 
-    async def _begin(self, route: Route, engine_requests: list) -> list:
+    async def _begin(self, route: Route, engine_requests: list, n: int) -> list:
+        """Start every choice (prompt-major, ``n`` per prompt); a prompt's tokens count once."""
         started = []
         try:
-            for r in engine_requests:
-                started.append(await self._start(route, r))
+            for i, r in enumerate(engine_requests):
+                started.append(await self._start(route, r, counts_prompt=i % n == 0))
         except BaseException:
             for gen, _, call in started:
                 gen.cancel()
@@ -364,7 +369,7 @@ class Router:
             route, model = await self._resolve(body.model, key)
             variant = route.variant
             engine_requests = body.to_engine(model)
-            started = await self._begin(route, engine_requests)
+            started = await self._begin(route, engine_requests, body.n)
         except Exception as exc:
             self._outcome(variant, endpoint, f"http_{to_http_error(exc).status}")
             return error_response(exc, self._tags(route, key) if route else None)

@@ -198,9 +198,11 @@ def test_prompt_longer_than_context_is_400(serve_app):
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
-def test_health_ready_metrics(serve_app):
+def test_health_ready_metrics(serve_app, client):
     assert httpx.get(f"{serve_app.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{serve_app.url}/ready").json() == {"status": "ready"}
+    client.completions.create(model="demo", prompt="hi", max_tokens=2)  # latency series exist
+    time.sleep(2.5)  # replicas push their registries every second
     text = httpx.get(f"{serve_app.url}/metrics").text
     assert "mlx_serving:time_to_first_token_seconds_bucket" in text
     assert "mlx_serving:num_requests_running" in text
@@ -220,6 +222,23 @@ def test_metrics_cover_every_replica(serve_app, client):
         # A replica killed by another test may linger for a few seconds; live ones never miss.
         assert live <= reported, (live, reported)
     assert len(live) == 2
+
+
+def _metric_total(serve_app, name: str) -> float:
+    """A metric summed over every label set, from the application's /metrics."""
+    text = httpx.get(f"{serve_app.url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{"))
+
+
+def test_prompt_tokens_metric_counts_a_prompt_once_for_n_choices(serve_app, client):
+    """Regression: with n=2 the prompt was counted once per choice."""
+    time.sleep(2.5)  # earlier requests' counts have reached the merged view
+    before = _metric_total(serve_app, "mlx_serving:prompt_tokens_total")
+    out = client.completions.create(model="demo", prompt="count me once", max_tokens=2, n=2)
+    time.sleep(2.5)  # replicas push their registries every second
+    after = _metric_total(serve_app, "mlx_serving:prompt_tokens_total")
+    assert out.usage.prompt_tokens > 0 and after - before == out.usage.prompt_tokens
 
 
 def test_admin_streams_requires_operator_token(serve_app):
