@@ -1,9 +1,9 @@
 """The engine in this process against the same engine in a child process (``EngineProcess``).
 
 Both sides get the same workload from the load generator at each concurrency, in
-alternating runs, and the report gives median tokens/s and engine steps/s. ``--gil-load``
-keeps a Python thread of this process holding the GIL for that share of the time (pickling
-chunk-like objects), a stand-in for Ray Serve's per-chunk work in an LLMServer replica:
+alternating runs (``mlx_serving.bench.compare``), and the report gives medians of tokens/s,
+latencies and the engine's own counters. ``--gil-load`` keeps a Python thread of this
+process holding the GIL for that share of the time (pickling chunk-like objects), a stand-in for Ray Serve's per-chunk work in an LLMServer replica:
 it slows an engine thread in this process, not one in the child.
 
     python -m mlx_serving.bench.process --model models/demo-small --concurrency 8 32 --gil-load 0.3
@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import pickle
-import statistics
 import sys
 import threading
 import time
+from dataclasses import asdict
 
+from mlx_serving.bench.compare import drive, engine_counters, report
 from mlx_serving.bench.engine import machine
-from mlx_serving.bench.loadgen import EngineTarget, LoadResult, Workload, run_load
+from mlx_serving.bench.loadgen import EngineTarget, Workload
 from mlx_serving.engine import Engine, EngineConfig, EngineProcess, ModelConfig
 
 SIDES = ("in-process", "child process")
@@ -34,13 +35,6 @@ def hold_gil(share: float, stop: threading.Event) -> None:
         while time.perf_counter() < until:
             pickle.loads(pickle.dumps(chunk))
         time.sleep((1 - share) * 1e-3)
-
-
-async def measure(engine: Engine | EngineProcess, workload: Workload, concurrency: int) -> LoadResult:
-    async def probe() -> dict[str, float]:
-        return {"steps": engine.stats().steps}
-
-    return await run_load(EngineTarget(engine), workload, concurrency, probe)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,29 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     if args.gil_load:
         threading.Thread(target=hold_gil, args=(args.gil_load, stop), daemon=True).start()
-    print(f"machine: {machine()}\nmodel: {args.model}; {args.prompt_tokens}-token prompts, "
-          f"{args.max_tokens} new tokens, {args.requests} requests a run, median of "
-          f"{args.repeats}; GIL load in this process: {args.gil_load:.0%}\n")
-    print("| concurrent | side | tok/s (min–max) | engine steps/s | TTFT p50 ms | ITL p50 ms |")
-    print("|---|---|---|---|---|---|")
+    levels = [(n, Workload(requests=args.requests, prompt_tokens=args.prompt_tokens,
+                           max_tokens=args.max_tokens, warmup=n, seed=n))
+              for n in args.concurrency]
+
+    def target(engine: Engine | EngineProcess):
+        async def probe() -> dict[str, float]:
+            return engine_counters(asdict(engine.stats()))
+        return EngineTarget(engine), probe
+
     try:
-        for level, concurrency in enumerate(args.concurrency):
-            runs: dict[str, list[LoadResult]] = {side: [] for side in SIDES}
-            for r in range(args.repeats):
-                workload = Workload(requests=args.requests, prompt_tokens=args.prompt_tokens,
-                                    max_tokens=args.max_tokens, warmup=concurrency,
-                                    seed=1000 * level + r)
-                order = SIDES if r % 2 == 0 else SIDES[::-1]  # drift falls on both sides alike
-                for side in order:
-                    runs[side].append(asyncio.run(measure(engines[side], workload, concurrency)))
-            for side in SIDES:
-                results = runs[side]
-                tok_s = [x.output_tok_s for x in results]
-                steps_s = statistics.median(x.counters["steps"] / x.duration_s for x in results)
-                print(f"| {concurrency} | {side} | {statistics.median(tok_s):,.0f} "
-                      f"({min(tok_s):,.0f}–{max(tok_s):,.0f}) | {steps_s:,.0f} "
-                      f"| {statistics.median(x.ttft_ms['p50'] for x in results):,.1f} "
-                      f"| {statistics.median(x.itl_ms['p50'] for x in results):,.2f} |")
+        runs = asyncio.run(drive({side: target(e) for side, e in engines.items()},
+                                 levels, args.repeats))
+        print(f"machine: {machine()}\nmodel: {args.model}; {args.prompt_tokens}-token prompts, "
+              f"{args.max_tokens} new tokens, {args.requests} requests a run, median of "
+              f"{args.repeats}; GIL load in this process: {args.gil_load:.0%}\n")
+        print(report(runs, {side: side for side in SIDES}))
     finally:
         stop.set()
         for engine in engines.values():

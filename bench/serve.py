@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,16 +37,15 @@ from typing import AsyncIterator, Iterator
 import httpx
 import yaml
 
+from mlx_serving.bench.compare import Runs, drive, engine_counters, report
 from mlx_serving.bench.engine import machine
-from mlx_serving.bench.loadgen import (EngineTarget, HttpTarget, LoadResult, Probe, RequestError,
-                                      RequestSpec, Target, Workload, generation_request, run_load)
+from mlx_serving.bench.loadgen import (EngineTarget, HttpTarget, RequestError, RequestSpec,
+                                      Workload, generation_request)
 from mlx_serving.deployments.app import server_deployment_name
 from mlx_serving.engine import Engine, EngineConfig
 
 REPO = Path(__file__).resolve().parent.parent
-PATHS = ("engine", "handle", "http")
 PATH_NAMES = {"engine": "engine in-process", "handle": "Serve handle", "http": "HTTP via Router"}
-ENGINE_COUNTERS = ("steps", "prefill_steps", "prefill_s", "decode_s", "generated_tokens", "pauses")
 
 
 def stable_config(model: str, max_batch_size: int | None, settings: dict,
@@ -64,10 +62,6 @@ def stable_config(model: str, max_batch_size: int | None, settings: dict,
         variant["engine"]["max_batch_size"] = max_batch_size
         variant["deployment"]["max_ongoing_requests"] = 2 * max_batch_size
     return config
-
-
-def engine_counters(stats: dict) -> dict[str, float]:
-    return {k: stats[k] for k in ENGINE_COUNTERS}
 
 
 class HandleTarget:
@@ -115,21 +109,6 @@ def serve_app(config: dict, port: int) -> Iterator[str]:
         os.unlink(f.name)
 
 
-Runs = dict[int, dict[str, list[LoadResult]]]  # concurrency -> path -> one result per repeat
-
-
-async def _drive(targets: dict[str, tuple[Target, Probe]], levels: list[tuple[int, Workload]],
-                 repeats: int) -> Runs:
-    runs: Runs = {}
-    for n, workload in levels:
-        runs[n] = {path: [] for path in PATHS}
-        for r in range(repeats):
-            for path in PATHS[r % 3:] + PATHS[:r % 3]:
-                target, probe = targets[path]
-                runs[n][path].append(await run_load(target, workload, n, probe))
-    return runs
-
-
 def run(config: dict, levels: list[tuple[int, Workload]], repeats: int, port: int) -> Runs:
     """Every level along every path, ``repeats`` times."""
     import ray
@@ -153,9 +132,9 @@ def run(config: dict, levels: list[tuple[int, Workload]], repeats: int, port: in
                 async def go() -> Runs:
                     http = HttpTarget(url, "bench", max_connections=max(n for n, _ in levels) + 8)
                     try:
-                        return await _drive({"engine": (EngineTarget(engine), local_counters),
-                                             "handle": (HandleTarget(server, "bench"), replica_counters),
-                                             "http": (http, replica_counters)}, levels, repeats)
+                        return await drive({"engine": (EngineTarget(engine), local_counters),
+                                            "handle": (HandleTarget(server, "bench"), replica_counters),
+                                            "http": (http, replica_counters)}, levels, repeats)
                     finally:
                         await http.aclose()
 
@@ -164,40 +143,6 @@ def run(config: dict, levels: list[tuple[int, Workload]], repeats: int, port: in
                 ray.shutdown()
     finally:
         engine.shutdown()
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def _engine_side(results: list[LoadResult]) -> str:
-    """Medians of engine steps/s, tokens per step, prefill passes, prefill share of time."""
-    counted = [(r.counters, r.duration_s) for r in results if r.counters and r.counters["steps"]]
-    if not counted:
-        return "-"
-    steps_s = _median([c["steps"] / d for c, d in counted])
-    per_step = _median([c["generated_tokens"] / c["steps"] for c, _ in counted])
-    passes = _median([c["prefill_steps"] for c, _ in counted])
-    prefill = _median([100 * c["prefill_s"] / d for c, d in counted])
-    pauses = sum(c["pauses"] for c, _ in counted)
-    return f"{steps_s:,.0f} / {per_step:.1f} / {passes:.0f} / {prefill:.0f}% / {pauses:.0f}"
-
-
-def report(runs: Runs) -> str:
-    lines = ["| concurrent | path | tok/s median (min–max) | ÷ engine | TTFT p50 ms | ITL p50 ms "
-             "| engine steps/s / tokens per step / prefill passes / prefill time / pauses |",
-             "|---|---|---|---|---|---|---|"]
-    for n, by_path in runs.items():
-        base = _median([r.output_tok_s for r in by_path["engine"]])
-        for path in PATHS:
-            results = by_path[path]
-            tok_s = [r.output_tok_s for r in results]
-            lines.append(
-                f"| {n} | {PATH_NAMES[path]} | {_median(tok_s):,.0f} ({min(tok_s):,.0f}–{max(tok_s):,.0f}) "
-                f"| {_median(tok_s) / base:.3f} "
-                f"| {_median([r.ttft_ms['p50'] for r in results]):.0f} "
-                f"| {_median([r.itl_ms['p50'] for r in results]):.1f} | {_engine_side(results)} |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                            warmup=min(n, 8), seed=n))
               for n in args.concurrency]  # identical workloads on every path
     runs = run(config, levels, args.repeats, args.port)
-    print(f"machine: {machine()}\nmodel: {args.model}\n\n{report(runs)}")
+    print(f"machine: {machine()}\nmodel: {args.model}\n\n{report(runs, PATH_NAMES)}")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"machine": machine(), "args": vars(args),

@@ -212,3 +212,25 @@ def test_probe_counts_only_the_measured_requests(engine):
     assert c["generated_tokens"] == result.output_tokens == 4 * 8
     assert 0 < c["prefill_steps"] <= c["steps"] and c["prefill_s"] > 0 and c["decode_s"] > 0
     assert result.to_dict()["counters"] == c
+
+
+def test_compare_drives_every_path_at_every_level_and_reports_against_the_first(engine):
+    from dataclasses import asdict
+
+    from mlx_serving.bench.compare import drive, engine_counters, report
+
+    async def probe():
+        return engine_counters(asdict(engine.stats()))
+
+    target = (EngineTarget(engine, "tiny"), probe)
+    levels = [(1, Workload(requests=2, warmup=0, prompt_tokens=8, max_tokens=4)),
+              (2, Workload(requests=2, warmup=0, prompt_tokens=8, max_tokens=4))]
+    runs = asyncio.run(drive({"a": target, "b": target}, levels, repeats=2))
+
+    assert {n: {p: len(rs) for p, rs in by_path.items()} for n, by_path in runs.items()} == \
+        {1: {"a": 2, "b": 2}, 2: {"a": 2, "b": 2}}
+    assert all(r.counters["generated_tokens"] == 8 for by_path in runs.values()
+               for rs in by_path.values() for r in rs)
+    table = report(runs, {"a": "first", "b": "second"}).splitlines()
+    assert len(table) == 2 + 4 and "÷ first" in table[0]
+    assert all(line.split(" | ")[3] == "1.000" for line in table[2:] if " first " in line)

@@ -1,0 +1,75 @@
+"""One workload along several paths, side by side.
+
+Each load level runs every path in turn, ``repeats`` times, in a rotating order, so that
+drift of a shared or noisy machine falls on every path alike. Each path has a probe that
+reads its engine's counters; the report gives medians over repeats, each path against
+the first (the baseline), with the engine's steps/s, tokens per step, prefill passes and
+prefill share of time, which tell a slower step from an emptier batch.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from mlx_serving.bench.loadgen import LoadResult, Probe, Target, Workload, run_load
+
+ENGINE_COUNTERS = ("steps", "prefill_steps", "prefill_s", "decode_s", "generated_tokens", "pauses")
+
+Runs = dict[int, dict[str, list[LoadResult]]]  # concurrency -> path -> one result per repeat
+
+
+def engine_counters(stats: dict) -> dict[str, float]:
+    """The counters the report reads, from ``EngineStats`` as a dict."""
+    return {k: stats[k] for k in ENGINE_COUNTERS}
+
+
+async def drive(targets: dict[str, tuple[Target, Probe]], levels: list[tuple[int, Workload]],
+                repeats: int) -> Runs:
+    """Every level along every path (``targets``: path -> its target and probe)."""
+    paths = list(targets)
+    runs: Runs = {}
+    for n, workload in levels:
+        runs[n] = {path: [] for path in paths}
+        for r in range(repeats):
+            shift = r % len(paths)
+            for path in paths[shift:] + paths[:shift]:
+                target, probe = targets[path]
+                runs[n][path].append(await run_load(target, workload, n, probe))
+    return runs
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _engine_side(results: list[LoadResult]) -> str:
+    """Medians of engine steps/s, tokens per step, prefill passes, prefill share of time."""
+    counted = [(r.counters, r.duration_s) for r in results if r.counters and r.counters["steps"]]
+    if not counted:
+        return "-"
+    steps_s = _median([c["steps"] / d for c, d in counted])
+    per_step = _median([c["generated_tokens"] / c["steps"] for c, _ in counted])
+    passes = _median([c["prefill_steps"] for c, _ in counted])
+    prefill = _median([100 * c["prefill_s"] / d for c, d in counted])
+    pauses = sum(c["pauses"] for c, _ in counted)
+    return f"{steps_s:,.0f} / {per_step:.1f} / {passes:.0f} / {prefill:.0f}% / {pauses:.0f}"
+
+
+def report(runs: Runs, names: dict[str, str]) -> str:
+    """A markdown table; ``names`` gives each path's label, the first path is the baseline."""
+    baseline = next(iter(names))
+    lines = [f"| concurrent | path | tok/s median (min–max) | ÷ {names[baseline]} | TTFT p50 ms "
+             "| ITL p50 ms | engine steps/s / tokens per step / prefill passes / prefill time "
+             "/ pauses |",
+             "|---|---|---|---|---|---|---|"]
+    for n, by_path in runs.items():
+        base = _median([r.output_tok_s for r in by_path[baseline]])
+        for path, name in names.items():
+            results = by_path[path]
+            tok_s = [r.output_tok_s for r in results]
+            lines.append(
+                f"| {n} | {name} | {_median(tok_s):,.0f} ({min(tok_s):,.0f}–{max(tok_s):,.0f}) "
+                f"| {_median(tok_s) / base:.3f} "
+                f"| {_median([r.ttft_ms['p50'] for r in results]):.0f} "
+                f"| {_median([r.itl_ms['p50'] for r in results]):.1f} | {_engine_side(results)} |")
+    return "\n".join(lines)
