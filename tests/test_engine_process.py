@@ -222,9 +222,12 @@ def test_reader_that_never_reads_is_paused_then_ended(proc):
     deltas, waited = run(go())
     tokens = sum(len(d.token_ids) for d in deltas)
     assert BUFFER_TOKENS <= tokens <= BUFFER_TOKENS + 2  # this process buffered no more
-    assert len(deltas) == 1                             # coalesced, nothing dropped
-    assert deltas[0].error_code == "reader_stalled"
-    assert deltas[0].usage.completion_tokens == tokens
+    # The buffered tokens and the final delta may arrive as one or two deltas: the child's
+    # stats answer (paused == 0) can overtake the message that carries the final delta.
+    assert [d.finished for d in deltas] == [False] * (len(deltas) - 1) + [True]
+    assert len(deltas) <= 2
+    assert deltas[-1].error_code == "reader_stalled"
+    assert deltas[-1].usage.completion_tokens == tokens
     assert waited < STALL_S + 2
     assert proc.stats().kv_reserved_bytes == 0
 
