@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+pytest_plugins = ["serve_fixtures"]  # the session Ray cluster and the deployed app
+
 MODEL_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "models"
 
 

@@ -1,5 +1,7 @@
-"""One Ray cluster of two simulated machines for every end-to-end test, with the real
-application deployed on it from ``cluster.yaml`` (test overrides applied) by ``serve run``."""
+"""One Ray cluster of two simulated machines for every test that needs Ray (tests/e2e and
+tests/reliability), with the real application deployed on it from ``cluster.yaml`` (test
+overrides applied) by ``serve run``. Registered as a plugin by tests/conftest.py, so the
+session-scoped cluster is shared by both folders."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SERVE = str(Path(sys.executable).with_name("serve"))
 API_KEY = "test-api-key"
 OPERATOR_TOKEN = "test-operator-token"
