@@ -77,6 +77,13 @@ class _CommonRequest(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # Quality of service (docs/GUIDES.md): the class the scheduler admits first, and a deadline
+    priority: Literal["interactive", "batch"] | None = Field(
+        default=None, description="Scheduling class; also the X-Priority header. Default interactive.")
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="Deadline in seconds from arrival; also the "
+                                        "X-Request-Timeout header. The request then ends with a "
+                                        "deadline_exceeded error and frees its slot.")
     # Known OpenAI fields we refuse (see _NOT_SUPPORTED_YET)
     response_format: Any = None
     tools: Any = None
