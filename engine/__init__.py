@@ -3,25 +3,29 @@
 Knows nothing of Ray or HTTP; usable as a library.
 """
 
+from mlx_serving.engine.admission import AdmissionSettings
 from mlx_serving.engine.config import EngineConfig, ModelConfig
 from mlx_serving.engine.engine import Engine, EngineStats
 from mlx_serving.engine.errors import (
     ContextLengthExceededError,
+    DeadlineExceededError,
     EngineClosedError,
     EngineError,
     InvalidRequestError,
+    LoadShedError,
     ModelLoadError,
     ModelNotFoundError,
     QueueFullError,
     ReaderStalledError,
 )
 from mlx_serving.engine.outputs import FinishReason, RequestOutput, Timings, TokenLogprob, Usage
-from mlx_serving.engine.params import GenerationRequest, SamplingParams
+from mlx_serving.engine.params import GenerationRequest, Priority, SamplingParams
 from mlx_serving.engine.process import EngineProcess
 
 __all__ = [
-    "ContextLengthExceededError", "Engine", "EngineClosedError", "EngineConfig", "EngineError",
-    "EngineProcess", "EngineStats", "FinishReason", "GenerationRequest", "InvalidRequestError",
-    "ModelConfig", "ModelLoadError", "ModelNotFoundError", "QueueFullError", "ReaderStalledError",
+    "AdmissionSettings", "ContextLengthExceededError", "DeadlineExceededError", "Engine",
+    "EngineClosedError", "EngineConfig", "EngineError", "EngineProcess", "EngineStats",
+    "FinishReason", "GenerationRequest", "InvalidRequestError", "LoadShedError", "ModelConfig",
+    "ModelLoadError", "ModelNotFoundError", "Priority", "QueueFullError", "ReaderStalledError",
     "RequestOutput", "SamplingParams", "Timings", "TokenLogprob", "Usage",
 ]

@@ -30,6 +30,14 @@ class EngineConfig(BaseModel):
     prefill_step_size: int = Field(default=2048, ge=16, description="Prompt tokens per prefill chunk.")
     max_waiting_requests: int = Field(
         default=1024, ge=1, description="Requests admitted to the queue before QueueFullError.")
+    max_waiting_tokens: int = Field(
+        default=262144, ge=1,
+        description="Prompt tokens of queued requests before QueueFullError (a request larger "
+                    "than this alone is still queued when the queue is empty).")
+    max_waiting_kv_fraction: float = Field(
+        default=1.0, gt=0,
+        description="KV memory the queued requests will need, as a fraction of the KV budget, "
+                    "before QueueFullError.")
     kv_memory_bytes: int | None = Field(
         default=None, gt=0,
         description="KV-cache budget for running sequences; default kv_memory_fraction of memory.")

@@ -21,6 +21,7 @@ from typing import AsyncIterator
 
 import mlx.core as mx
 
+from mlx_serving.engine.admission import AdmissionSettings
 from mlx_serving.engine.config import EngineConfig, ModelConfig
 from mlx_serving.engine.errors import EngineClosedError, InvalidRequestError, ModelNotFoundError
 from mlx_serving.engine.model import LoadedModel, ModelInfo, pick_model
@@ -28,11 +29,9 @@ from mlx_serving.engine.outputs import RequestOutput
 from mlx_serving.engine.params import GenerationRequest
 from mlx_serving.engine.runner import ModelRunner
 from mlx_serving.engine.scheduler import Scheduler
-from mlx_serving.engine.sequence import Sequence
+from mlx_serving.engine.sequence import Sequence, kv_reservation
 from mlx_serving.engine.stream import RequestStream, StreamFactory
 from mlx_serving.engine.warmup import warm_up
-
-_KV_ALLOCATION_STEP = 256  # mlx-lm's KV caches grow in steps of this many tokens
 
 
 @dataclass
@@ -55,6 +54,13 @@ class EngineStats:
     generated_tokens: int
     pauses: int     # times a sequence was paused because its reader lagged
     active_memory_bytes: int
+    waiting_tokens: int    # prompt tokens of the queued requests
+    waiting_batch: int     # batch-class requests among them
+    rejected: int          # submissions admission control refused (load shedding included)
+    expired: int           # requests ended by their deadline
+    preempted: int         # times a batch-class sequence made room for an interactive one
+    admission_scale: float  # the live multiplier of the queue bounds (Engine.set_admission)
+    shed_batch: bool        # batch-class requests are refused
 
 
 def default_memory_bytes() -> int:
@@ -145,8 +151,7 @@ class Engine:
         loaded.check_token_ids(params.stop_token_ids, "stop_token_ids")
         if params.logit_bias:
             loaded.check_token_ids(list(params.logit_bias), "logit_bias")
-        tokens = len(prompt_ids) + max_tokens
-        kv_bytes = loaded.kv_bytes_per_token * (-(-tokens // _KV_ALLOCATION_STEP) * _KV_ALLOCATION_STEP)
+        kv_bytes = kv_reservation(loaded.kv_bytes_per_token, len(prompt_ids) + max_tokens)
         if kv_bytes > self._scheduler.kv_budget_bytes:
             raise InvalidRequestError(
                 f"max_tokens: prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) needs "
@@ -154,7 +159,8 @@ class Engine:
                 f"{self._scheduler.kv_budget_bytes}", param="max_tokens")
         stream = make_stream(request.request_id, asyncio.get_running_loop(), self._scheduler.cancel)
         seq = Sequence(request=request, model_name=loaded.name, prompt_ids=prompt_ids,
-                       max_tokens=max_tokens, stream=stream, kv_bytes=kv_bytes)
+                       max_tokens=max_tokens, stream=stream, kv_bytes=kv_bytes,
+                       kv_bytes_per_token=loaded.kv_bytes_per_token)
         try:
             self._scheduler.enqueue(seq)
         except ValueError as exc:
@@ -173,12 +179,28 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         self._scheduler.cancel(request_id)
 
+    # -- admission ---------------------------------------------------------------------------------
+    def set_admission(self, scale: float | None = None,
+                      shed_batch: bool | None = None) -> AdmissionSettings:
+        """Turn admission control live; None keeps a setting. Returns the new settings.
+
+        ``scale`` (0 < scale <= 1) multiplies every queue bound (max_waiting_requests,
+        max_waiting_tokens, max_waiting_kv_fraction); ``shed_batch`` refuses batch-class
+        requests with LoadShedError. Requests already queued stay queued.
+        """
+        return self._scheduler.admission.update(scale=scale, shed_batch=shed_batch)
+
+    def admission(self) -> AdmissionSettings:
+        """The current admission settings."""
+        return self._scheduler.admission.settings
+
     # -- state ---------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         s = self._scheduler
         runners = list(s.runners.values())
+        queued, settings = s.admission.queued, s.admission.settings
         return EngineStats(
-            waiting=s.num_waiting,
+            waiting=queued.requests,
             running=s.num_running,
             paused=s.num_paused,
             in_batch=sum(r.sequences_in_batch() for r in runners),
@@ -194,6 +216,13 @@ class Engine:
             generated_tokens=s.counters.generated_tokens,
             pauses=s.counters.paused_total,
             active_memory_bytes=mx.get_active_memory(),
+            waiting_tokens=queued.tokens,
+            waiting_batch=queued.batch,
+            rejected=s.admission.rejected,
+            expired=s.counters.expired,
+            preempted=s.counters.preempted,
+            admission_scale=settings.scale,
+            shed_batch=settings.shed_batch,
         )
 
     def is_healthy(self, stuck_after_s: float = 120.0) -> bool:

@@ -55,13 +55,24 @@ class ModelLoadError(EngineError):
 
 
 class QueueFullError(EngineError):
-    """The admission queue is full; the caller should retry after ``retry_after`` seconds."""
+    """Admission was refused; the caller should retry after ``retry_after`` seconds.
+
+    ``limit`` names the bound that was hit: "requests", "tokens" or "kv_memory" (queued
+    work), or "shed_batch" for a ``LoadShedError``.
+    """
 
     code = "queue_full"
 
-    def __init__(self, message: str, *, retry_after: float = 1.0):
+    def __init__(self, message: str, *, retry_after: float = 1.0, limit: str | None = None):
         super().__init__(message)
         self.retry_after = retry_after
+        self.limit = limit
+
+
+class LoadShedError(QueueFullError):
+    """A batch-class request refused while the engine sheds batch work under load."""
+
+    code = "load_shed"
 
 
 class EngineClosedError(EngineError):
@@ -74,3 +85,9 @@ class ReaderStalledError(EngineError):
     """The request's reader stopped consuming output for longer than the configured timeout."""
 
     code = "reader_stalled"
+
+
+class DeadlineExceededError(EngineError):
+    """The request's deadline (``timeout_s``) passed before it finished."""
+
+    code = "deadline_exceeded"

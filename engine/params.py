@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import uuid
 from typing import Any
 
@@ -12,6 +13,13 @@ from mlx_serving.engine.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+
+
+class Priority(str, enum.Enum):
+    """A request's scheduling class: interactive work is admitted first and may preempt batch."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
 
 
 class SamplingParams(BaseModel):
@@ -78,6 +86,13 @@ class GenerationRequest(BaseModel):
     prompt: str | list[int] | None = None
     messages: list[dict[str, Any]] | None = None
     params: SamplingParams = Field(default_factory=SamplingParams)
+    priority: Priority = Field(
+        default=Priority.INTERACTIVE,
+        description="Scheduling class: interactive is admitted first and may preempt batch.")
+    timeout_s: float | None = Field(
+        default=None, gt=0,
+        description="Deadline in seconds from submission; past it the request ends with a "
+                    "deadline_exceeded error wherever it is.")
 
     @model_validator(mode="after")
     def _one_input(self):

@@ -53,6 +53,7 @@ from typing import Any, AsyncIterator, Callable
 # ours, registered below, normally drains the engine first.
 from multiprocessing.connection import wait
 
+from mlx_serving.engine.admission import AdmissionSettings
 from mlx_serving.engine.config import EngineConfig
 from mlx_serving.engine.engine import EngineStats
 from mlx_serving.engine.errors import EngineClosedError, EngineError, InvalidRequestError
@@ -60,8 +61,9 @@ from mlx_serving.engine.model import ModelInfo, ModelTokenizer, pick_model
 from mlx_serving.engine.outputs import FinishReason, RequestOutput, Timings, Usage
 from mlx_serving.engine.params import GenerationRequest
 from mlx_serving.engine.process_child import child_main
-from mlx_serving.engine.process_wire import (Cancel, Deltas, GetStats, Heartbeat, Reads, Ready,
-                                             Reply, Shutdown, Submit, decode_delta)
+from mlx_serving.engine.process_wire import (Cancel, Deltas, GetAdmission, GetStats, Heartbeat,
+                                             Reads, Ready, Reply, SetAdmission, Shutdown, Submit,
+                                             decode_delta)
 from mlx_serving.engine.stream import RequestStream, wake
 
 log = logging.getLogger(__name__)
@@ -149,7 +151,8 @@ class EngineProcess:
     Offers what LLMServer uses of ``Engine``, with the same semantics: ``submit`` (a
     coroutine here, since the child validates the request), ``generate``, ``model`` (this
     process loads the tokenizers, so logprob ids decode without a round trip),
-    ``list_models``, ``stats``, ``is_healthy`` and ``shutdown``. The constructor blocks
+    ``list_models``, ``stats``, ``set_admission``, ``admission``, ``is_healthy`` and
+    ``shutdown``. The constructor blocks
     until the child has loaded every model, and raises what ``Engine`` would.
     """
 
@@ -265,6 +268,16 @@ class EngineProcess:
         """The child engine's ``EngineStats`` (a round trip; raises TimeoutError if the child
         does not answer within ``timeout_s``)."""
         return self._call(GetStats).result(timeout_s)
+
+    def set_admission(self, scale: float | None = None, shed_batch: bool | None = None,
+                      timeout_s: float = _CALL_TIMEOUT_S) -> AdmissionSettings:
+        """``Engine.set_admission`` in the child (a round trip); returns the new settings."""
+        return self._call(
+            lambda call_id: SetAdmission(call_id, scale, shed_batch)).result(timeout_s)
+
+    def admission(self, timeout_s: float = _CALL_TIMEOUT_S) -> AdmissionSettings:
+        """The child engine's admission settings (a round trip)."""
+        return self._call(GetAdmission).result(timeout_s)
 
     def is_healthy(self, stuck_after_s: float = 120.0) -> bool:
         """False when the child has exited, its engine reports itself unhealthy, or it has

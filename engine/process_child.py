@@ -16,9 +16,9 @@ from mlx_serving.engine.engine import Engine
 from mlx_serving.engine.errors import EngineError
 from mlx_serving.engine.outputs import RequestOutput
 from mlx_serving.engine.params import GenerationRequest
-from mlx_serving.engine.process_wire import (Cancel, Deltas, GetStats, Heartbeat, Reads, Ready,
-                                             Reply, Shutdown, Submit, encode_delta,
-                                             portable_error)
+from mlx_serving.engine.process_wire import (Cancel, Deltas, GetAdmission, GetStats, Heartbeat,
+                                             Reads, Ready, Reply, SetAdmission, Shutdown,
+                                             Submit, encode_delta, portable_error)
 from mlx_serving.engine.stream import RequestStream
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,11 @@ class _Child:
                 stream.cancel()
         elif isinstance(msg, GetStats):
             self._answer(msg.call_id, self.engine.stats)
+        elif isinstance(msg, SetAdmission):
+            self._answer(msg.call_id,
+                         lambda: self.engine.set_admission(msg.scale, msg.shed_batch))
+        elif isinstance(msg, GetAdmission):
+            self._answer(msg.call_id, self.engine.admission)
         elif isinstance(msg, Shutdown):
             self._request_stop(msg.drain_timeout_s)
 

@@ -2,6 +2,9 @@
 
     parent -> child  Submit(call_id, request)   validate (Engine.submit) and queue; a Reply
                      GetStats(call_id)          a Reply holding EngineStats
+                     SetAdmission(call_id, scale, shed_batch)
+                                                a Reply holding the new AdmissionSettings
+                     GetAdmission(call_id)      a Reply holding AdmissionSettings
                      Cancel(request_id)
                      Reads({request_id: n})     tokens the callers read, per stream in steps of
                                                 a quarter of stream_buffer_tokens; at most one
@@ -32,6 +35,18 @@ class Submit:
 
 @dataclass
 class GetStats:
+    call_id: int
+
+
+@dataclass
+class SetAdmission:
+    call_id: int
+    scale: float | None = None        # None keeps the current value
+    shed_batch: bool | None = None
+
+
+@dataclass
+class GetAdmission:
     call_id: int
 
 

@@ -1,8 +1,9 @@
 """The engine thread: the only code that calls MLX.
 
 Callers talk to it through an inbox of messages (submit, cancel, call). Each loop turn
-drains the inbox, applies backpressure, admits waiting sequences under the KV budget and
-runs one step of every model's batch, then hands token deltas to each request's stream.
+drains the inbox, ends requests whose deadline passed, applies backpressure, admits waiting
+sequences under the KV budget (interactive first, preempting batch-class work if need be)
+and runs one step of every model's batch, then hands token deltas to each request's stream.
 """
 
 from __future__ import annotations
@@ -13,19 +14,21 @@ import os
 import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import mlx.core as mx
 
+from mlx_serving.engine.admission import AdmissionControl
 from mlx_serving.engine.config import EngineConfig
 from mlx_serving.engine.detokenizer import IncrementalDetokenizer
-from mlx_serving.engine.errors import EngineClosedError, QueueFullError, ReaderStalledError
+from mlx_serving.engine.errors import DeadlineExceededError, EngineClosedError, ReaderStalledError
 from mlx_serving.engine.outputs import FinishReason, RequestOutput, Timings, Usage
+from mlx_serving.engine.params import Priority
 from mlx_serving.engine.runner import ModelRunner
 from mlx_serving.engine.sampling import token_logprob
-from mlx_serving.engine.sequence import Sequence, SequenceStatus
+from mlx_serving.engine.sequence import (DeadlineHeap, PauseReason, Sequence, SequenceStatus,
+                                         WaitQueue)
 from mlx_serving.engine.stop_strings import StopStringMatcher
 from mlx_serving.engine.stream import wake
 
@@ -64,7 +67,9 @@ class SchedulerCounters:
     prefill_steps: int = 0   # steps that also processed prompt tokens
     generated_tokens: int = 0
     finished: int = 0
-    paused_total: int = 0
+    paused_total: int = 0   # slow-reader pauses
+    preempted: int = 0      # batch-class sequences paused to make room for interactive ones
+    expired: int = 0        # requests ended by their deadline
 
 
 class Scheduler:
@@ -75,16 +80,18 @@ class Scheduler:
         self.kv_budget_bytes = kv_budget_bytes
         self.kv_reserved_bytes = 0
         self.runners: dict[str, ModelRunner] = {}
+        self.admission = AdmissionControl(config, kv_budget_bytes)
         self.counters = SchedulerCounters()
         self.heartbeat = time.monotonic()
         self.failure: BaseException | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._waiting: deque[Sequence] = deque()
-        self._paused: list[Sequence] = []
+        self._waiting = WaitQueue()
+        self._paused: list[Sequence] = []   # slow readers and preempted sequences
+        self._deadlines = DeadlineHeap()
         self._live: dict[str, Sequence] = {}
+        self._live_batch = 0                # batch-class sequences in _live
         self._to_wake: list = []            # streams given output this turn
-        self._lock = threading.Lock()       # guards _queued and _ids (touched by callers)
-        self._queued = 0
+        self._lock = threading.Lock()       # guards _ids (touched by callers)
         self._ids: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
 
@@ -98,7 +105,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return self._queued
+        return self.admission.queued_requests
 
     @property
     def num_paused(self) -> int:
@@ -109,14 +116,12 @@ class Scheduler:
         return sum(r.num_running for r in list(self.runners.values()))
 
     def enqueue(self, seq: Sequence) -> None:
-        """Queue a sequence for admission; raises QueueFullError when the queue is full."""
+        """Queue a sequence for admission; raises QueueFullError (or its LoadShedError) when
+        admission control refuses it."""
         with self._lock:
             if seq.request_id in self._ids:
                 raise ValueError(f"request id {seq.request_id!r} is already in use")
-            if self._queued >= self.config.max_waiting_requests:
-                raise QueueFullError(
-                    f"the engine queue is full ({self._queued} waiting requests)", retry_after=1.0)
-            self._queued += 1
+            self.admission.reserve(len(seq.prompt_ids), seq.kv_bytes, seq.priority)
             self._ids.add(seq.request_id)
         self._inbox.put(_Submit(seq))
 
@@ -162,6 +167,8 @@ class Scheduler:
     def _run(self) -> None:
         try:
             while self._drain_inbox(self._wait_timeout()):
+                if self._deadlines:
+                    self._expire(time.monotonic())
                 self._apply_backpressure()
                 self._admit()
                 for runner in list(self.runners.values()):
@@ -179,14 +186,18 @@ class Scheduler:
                 runner.close()
             mx.synchronize()  # no async work may outlive the thread that queued it
             self.runners.clear()
+
     def _wait_timeout(self) -> float | None:
         if any(r.by_uid for r in self.runners.values()):
             return 0.0
-        if self._paused:
-            return _PAUSED_POLL_S
-        if self._waiting:
-            return _PAUSED_POLL_S  # admission is blocked on the KV budget
-        return _IDLE_POLL_S
+        if self._paused or self._waiting:  # readers to catch up, or admission blocked on KV
+            timeout = _PAUSED_POLL_S
+        else:
+            timeout = _IDLE_POLL_S
+        nearest = self._deadlines.nearest
+        if nearest is not None:
+            timeout = min(timeout, max(0.0, nearest - time.monotonic()))
+        return timeout
 
     def _drain_inbox(self, timeout: float | None) -> bool:
         """Handle every queued message; False once a stop message arrives."""
@@ -218,8 +229,13 @@ class Scheduler:
 
     def _handle(self, msg) -> None:
         if isinstance(msg, _Submit):
-            self._live[msg.seq.request_id] = msg.seq
-            self._waiting.append(msg.seq)
+            seq = msg.seq
+            self._live[seq.request_id] = seq
+            self._waiting.append(seq)
+            if seq.priority is Priority.BATCH:
+                self._live_batch += 1
+            if seq.deadline is not None:
+                self._deadlines.push(seq)
         elif isinstance(msg, _Cancel):
             seq = self._live.get(msg.request_id)
             if seq is not None:
@@ -232,28 +248,110 @@ class Scheduler:
                     msg.future.set_exception(exc)
 
     def _admit(self) -> None:
-        limit = self.config.max_batch_size
-        while self._waiting:
-            seq = self._waiting[0]
-            runner = self.runners.get(seq.model_name)
-            if runner is None:
-                self._end(seq, FinishReason.ERROR, f"model {seq.model_name!r} was unloaded",
-                          "model_not_found")
-                continue
-            if runner.num_running >= limit:
+        """Admit waiting sequences in order, interactive ones first.
+
+        An interactive sequence that does not fit may preempt running batch-class ones.
+        Preempted sequences resume before any new batch-class sequence is admitted, and
+        only while no interactive one waits.
+        """
+        waiting = self._waiting
+        while waiting.has_interactive:
+            if not self._admit_next(preempt=True):
+                return
+        if self._paused and not self._resume_preempted():
+            return
+        while waiting:
+            if not self._admit_next(preempt=False):
+                return
+
+    def _admit_next(self, *, preempt: bool) -> bool:
+        """Admit the head of the queue; False if it has to wait."""
+        seq = self._waiting.head()
+        runner = self.runners.get(seq.model_name)
+        if runner is None:
+            self._end(seq, FinishReason.ERROR, f"model {seq.model_name!r} was unloaded",
+                      "model_not_found")
+            return True
+        if not self._fits(runner, seq.kv_bytes):
+            if not (preempt and self._preempt_for(runner, seq)):
+                return False
+        self._waiting.pop_head()
+        self._leave_queue(seq, admitted=True)
+        self._hold_kv(seq, seq.kv_bytes)
+        seq.admitted_at = time.monotonic()
+        tokenizer = runner.loaded.tokenizer
+        seq.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids=seq.prompt_ids)
+        if seq.params.stop:
+            seq.stop_matcher = StopStringMatcher(seq.params.stop)
+        runner.start(seq)
+        return True
+
+    def _fits(self, runner: ModelRunner, extra_kv_bytes: int) -> bool:
+        return (runner.num_running < self.config.max_batch_size
+                and self.kv_reserved_bytes + extra_kv_bytes <= self.kv_budget_bytes)
+
+    def _hold_kv(self, seq: Sequence, nbytes: int) -> None:
+        self.kv_reserved_bytes += nbytes - seq.kv_held
+        seq.kv_held = nbytes
+
+    def _leave_queue(self, seq: Sequence, *, admitted: bool) -> None:
+        self.admission.release(len(seq.prompt_ids), seq.kv_bytes, seq.priority, admitted=admitted)
+
+    def _preempt_for(self, runner: ModelRunner, seq: Sequence) -> bool:
+        """Pause running batch-class sequences until ``seq`` fits; False, pausing none, if
+        that cannot make room.
+
+        The latest admitted go first. A preempted sequence keeps its KV cache but gives back
+        the rest of its reservation, so preempting also makes room under the KV budget.
+        """
+        if not self._live_batch:
+            return False
+        candidates = sorted(
+            (s for r in self.runners.values() for s in r.by_uid.values()
+             if s.priority is Priority.BATCH and s.first_token_at is not None),
+            key=lambda s: s.admitted_at, reverse=True)
+        victims = []
+        if runner.num_running >= self.config.max_batch_size:   # it needs a slot of this batch
+            victim = next((s for s in candidates if s.model_name == seq.model_name), None)
+            if victim is None:
+                return False
+            victims.append(victim)
+        short = self.kv_reserved_bytes + seq.kv_bytes - self.kv_budget_bytes
+        short -= sum(v.kv_held - v.kv_in_cache for v in victims)
+        for candidate in candidates:
+            if short <= 0:
                 break
-            if self.kv_reserved_bytes + seq.kv_bytes > self.kv_budget_bytes:
-                break
-            self._waiting.popleft()
-            with self._lock:
-                self._queued -= 1
-            self.kv_reserved_bytes += seq.kv_bytes
-            seq.admitted_at = time.monotonic()
-            tokenizer = runner.loaded.tokenizer
-            seq.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids=seq.prompt_ids)
-            if seq.params.stop:
-                seq.stop_matcher = StopStringMatcher(seq.params.stop)
-            runner.start(seq)
+            if candidate not in victims:
+                victims.append(candidate)
+                short -= candidate.kv_held - candidate.kv_in_cache
+        if short > 0:
+            return False
+        for victim in victims:
+            self._pause(self.runners[victim.model_name], victim, PauseReason.PREEMPTED)
+            self._hold_kv(victim, victim.kv_in_cache)
+            self.counters.preempted += 1
+        return True
+
+    def _resume_preempted(self) -> bool:
+        """Resume preempted sequences that fit, oldest admitted first; True if none is left."""
+        preempted = [s for s in self._paused if s.pause_reason is PauseReason.PREEMPTED]
+        for seq in sorted(preempted, key=lambda s: s.admitted_at):
+            runner = self.runners[seq.model_name]
+            if self._fits(runner, seq.kv_bytes - seq.kv_held):
+                self._hold_kv(seq, seq.kv_bytes)
+                self._resume(runner, seq)
+                preempted.remove(seq)
+        return not preempted
+
+    def _pause(self, runner: ModelRunner, seq: Sequence, reason: PauseReason) -> None:
+        runner.pause(seq)
+        seq.pause_reason = reason
+        self._paused.append(seq)
+
+    def _resume(self, runner: ModelRunner, seq: Sequence) -> None:
+        self._paused.remove(seq)
+        seq.pause_reason = None
+        runner.resume(seq)
 
     def _apply_backpressure(self) -> None:
         """Pause sequences whose readers lag, resume them when caught up, end stalled ones."""
@@ -263,8 +361,7 @@ class Scheduler:
                 if seq.stream.closed:
                     self._end(seq, FinishReason.CANCELLED)
                 elif seq.stream.buffered_tokens >= limit:
-                    runner.pause(seq)
-                    self._paused.append(seq)
+                    self._pause(runner, seq, PauseReason.SLOW_READER)
                     self.counters.paused_total += 1
         if not self._paused:
             return
@@ -273,13 +370,29 @@ class Scheduler:
             runner = self.runners[seq.model_name]
             if seq.stream.closed:
                 self._end(seq, FinishReason.CANCELLED)
-            elif seq.stream.buffered_tokens <= limit // 2 and runner.num_running < self.config.max_batch_size:
-                self._paused.remove(seq)
-                runner.resume(seq)
+            elif seq.pause_reason is PauseReason.PREEMPTED:
+                continue   # _admit resumes it
+            elif (seq.stream.buffered_tokens <= limit // 2
+                  and runner.num_running < self.config.max_batch_size
+                  # it would be preempted again at once
+                  and not (seq.priority is Priority.BATCH and self._waiting.has_interactive)):
+                self._resume(runner, seq)
             elif now - seq.stream.last_read > self.config.stalled_reader_timeout_s:
                 err = ReaderStalledError(
                     f"the reader did not read for {self.config.stalled_reader_timeout_s:g} s")
                 self._end(seq, FinishReason.ERROR, err.message, err.code)
+
+    def _expire(self, now: float) -> None:
+        """End every request whose deadline has passed, wherever it is."""
+        for seq in self._deadlines.pop_expired(now):
+            where = {SequenceStatus.WAITING: "waiting in the queue",
+                     SequenceStatus.RUNNING: "running",
+                     SequenceStatus.PAUSED: "paused"}[seq.status]
+            err = DeadlineExceededError(
+                f"the request's deadline of {seq.request.timeout_s:g} s passed while it was "
+                f"{where} ({len(seq.generated)} tokens generated)")
+            self.counters.expired += 1
+            self._end(seq, FinishReason.ERROR, err.message, err.code)
 
     def _step(self, runner: ModelRunner) -> None:
         try:
@@ -289,7 +402,7 @@ class Scheduler:
             for seq in runner.reset():
                 seq.status = SequenceStatus.FINISHED  # nothing left to remove from the batch
                 self._complete(seq, FinishReason.ERROR, error=f"model step failed: {exc!r}",
-                               error_code="engine_error", was_admitted=True)
+                               error_code="engine_error")
             return
         self.counters.steps += 1
         self.counters.prefill_steps += bool(prompt_responses)
@@ -329,7 +442,7 @@ class Scheduler:
         else:
             runner.remove(seq)
         seq.status = SequenceStatus.FINISHED
-        self._complete(seq, finish, delta=delta, was_admitted=True)
+        self._complete(seq, finish, delta=delta)
 
     def _end(self, seq: Sequence, reason: FinishReason, error: str | None = None,
              error_code: str | None = None) -> None:
@@ -339,23 +452,24 @@ class Scheduler:
             return
         if status is SequenceStatus.WAITING:
             self._waiting.remove(seq)
-            with self._lock:
-                self._queued -= 1
+            self._leave_queue(seq, admitted=False)
         elif status is SequenceStatus.RUNNING:
             self.runners[seq.model_name].remove(seq)
         elif status is SequenceStatus.PAUSED:
             self._paused.remove(seq)
             seq.paused_cache = None
         seq.status = SequenceStatus.FINISHED
-        self._complete(seq, reason, error=error, error_code=error_code,
-                       was_admitted=status is not SequenceStatus.WAITING)
+        self._complete(seq, reason, error=error, error_code=error_code)
 
     def _complete(self, seq: Sequence, reason: FinishReason, *, delta: RequestOutput | None = None,
-                  error: str | None = None, error_code: str | None = None,
-                  was_admitted: bool) -> None:
-        if was_admitted:
-            self.kv_reserved_bytes -= seq.kv_bytes
-        self._live.pop(seq.request_id, None)
+                  error: str | None = None, error_code: str | None = None) -> None:
+        self.kv_reserved_bytes -= seq.kv_held
+        seq.kv_held = 0
+        if self._live.pop(seq.request_id, None) is not None:
+            if seq.priority is Priority.BATCH:
+                self._live_batch -= 1
+            if seq.deadline is not None:
+                self._deadlines.compact(len(self._live))
         with self._lock:
             self._ids.discard(seq.request_id)
         self.counters.finished += 1
@@ -380,7 +494,7 @@ class Scheduler:
             except Exception:  # the batch may be broken; still tell the reader
                 seq.status = SequenceStatus.FINISHED
                 self._complete(seq, FinishReason.ERROR, error=message,
-                               error_code=EngineClosedError.code, was_admitted=False)
+                               error_code=EngineClosedError.code)
         # Submissions that raced with the stop.
         while True:
             try:
@@ -388,8 +502,9 @@ class Scheduler:
             except queue.Empty:
                 break
             if isinstance(msg, _Submit):
+                self._leave_queue(msg.seq, admitted=False)
                 msg.seq.status = SequenceStatus.FINISHED
                 self._complete(msg.seq, FinishReason.ERROR, error=message,
-                               error_code=EngineClosedError.code, was_admitted=False)
+                               error_code=EngineClosedError.code)
             elif isinstance(msg, _Call):
                 msg.future.set_exception(EngineClosedError(message))

@@ -312,7 +312,9 @@ def test_kv_budget_makes_requests_wait_not_fail(tiny_model_path):
     per_token = probe.list_models()[0].kv_bytes_per_token
     probe.shutdown()
     # A short prompt + 600 tokens reserves 768 tokens of KV: the budget holds one, not two.
-    eng = make_engine(tiny_model_path, kv_memory_bytes=int(per_token * 768 * 1.5))
+    # Both are queued at once, so the queue's KV bound must hold two.
+    eng = make_engine(tiny_model_path, kv_memory_bytes=int(per_token * 768 * 1.5),
+                      max_waiting_kv_fraction=2.0)
     try:
         async def go():
             reqs = [chat(f"r{i}", max_tokens=600, temperature=0, ignore_eos=True) for i in range(2)]
