@@ -25,7 +25,7 @@ def build_app(args: dict[str, Any]) -> Application:
     # The controller's state lives on the head node's disk: pin it there.
     controller = RolloutController.options(ray_actor_options={
         "num_cpus": 0.05, "resources": {"node:__internal_head__": 0.001}},
-    ).bind(config.model_dump())
+    ).bind(config.model_dump(), telemetry)
     servers = {}
     for name, variant in config.variants.items():
         options = dict(variant.deployment)

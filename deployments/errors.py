@@ -9,12 +9,14 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from mlx_serving.engine.errors import (
     ContextLengthExceededError,
+    DeadlineExceededError,
     EngineClosedError,
     EngineError,
     InvalidRequestError,
     ModelLoadError,
     ModelNotFoundError,
     QueueFullError,
+    ReaderStalledError,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ def to_http_error(exc: BaseException) -> HTTPError:
     if isinstance(exc, QueueFullError):
         return HTTPError(429, exc.message, type="rate_limit_error", code=exc.code,
                          retry_after=exc.retry_after)
+    if isinstance(exc, DeadlineExceededError):
+        return HTTPError(504, exc.message, type="timeout_error", param="timeout_s", code=exc.code)
     if isinstance(exc, BackPressureError):
         return HTTPError(503, "the service is at capacity; retry shortly", type="overloaded_error",
                          code="overloaded", retry_after=getattr(exc, "retry_after_s", None) or 1.0)
@@ -71,3 +75,18 @@ def to_http_error(exc: BaseException) -> HTTPError:
     log.exception("unexpected error", exc_info=exc)
     return HTTPError(500, f"internal error: {type(exc).__name__}", type="server_error",
                      code="internal_error")
+
+
+# Errors that end a request after the replica accepted it travel as codes in its last chunk.
+_ENDED_BY = {DeadlineExceededError.code: DeadlineExceededError,
+             EngineClosedError.code: EngineClosedError,
+             ReaderStalledError.code: ReaderStalledError}
+
+
+def ended_with_error(message: str | None, code: str | None) -> HTTPError:
+    """The HTTP error for a request the engine ended with ``code`` after accepting it."""
+    cls = _ENDED_BY.get(code or "")
+    if cls is not None:
+        return to_http_error(cls(message or code))
+    return HTTPError(500, message or "generation failed", type="server_error",
+                     code=code or "engine_error")

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ray import serve
 
 from mlx_serving.deployments.settings import ServerSettings
-from mlx_serving.deployments.telemetry import Reporter, replica_id
+from mlx_serving.deployments.telemetry import Reporter, replica_id, route_logs_to_serve
 from mlx_serving.deployments.wire import Chunk, TokenInfo
 from mlx_serving.engine import (Engine, EngineConfig, EngineProcess, GenerationRequest,
                                 RequestOutput)
@@ -45,12 +45,14 @@ class LLMServer:
     """Serves one variant's models from one Engine; streams coalesced chunks to the Router."""
 
     def __init__(self, variant: str, engine: dict, telemetry=None, engine_process: bool = False):
+        route_logs_to_serve()
         self.variant = variant
         config = EngineConfig.model_validate(engine)
         self.engine = EngineProcess(config) if engine_process else Engine(config)
         self.settings = ServerSettings()
         self.replica = replica_id()
         self._active = 0
+        self._directive = (1.0, False)  # (admission scale, shed batch) applied to the engine
         log.info("LLMServer %s (%s) ready; OpenBLAS preloaded: %s", self.replica, variant,
                  is_preloaded())
         self._reporter = None
@@ -67,29 +69,54 @@ class LLMServer:
         if not self.engine.is_healthy():
             raise RuntimeError("the engine thread is dead or stuck")
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, request: GenerationRequest,
+                       directive: dict | None = None) -> AsyncIterator[Chunk]:
         """Run one request; yields chunks, each holding every token produced since the last.
 
-        Invalid requests raise the engine's typed errors before the first chunk.
+        ``directive`` is the QoS monitor's current word for this variant, as the Router
+        knows it (shed batch-class requests, scale the admission bounds); it reaches every
+        replica with the traffic itself. Invalid requests and refused admissions raise the
+        engine's typed errors before the first chunk.
         """
+        self._apply_directive(directive or _NORMAL)
         await self._inject_faults()
         stream = self.engine.submit(request)
         if inspect.isawaitable(stream):  # EngineProcess: the child validates the request
             stream = await stream
         tokenizer = self.engine.model(request.model).tokenizer
         self._active += 1
+        log.info("request %s accepted", request.request_id,
+                 extra={"engine_request_id": request.request_id, "variant": self.variant})
+        last = None
         try:
             first = True
             async for delta in stream:
                 chunk = _to_chunk(delta, tokenizer)
                 if first:
                     chunk.replica, first = self.replica, False
+                last = chunk
                 yield chunk
                 if not delta.finished:
                     await asyncio.sleep(self._chunk_interval())
         finally:
             self._active -= 1
             stream.cancel()  # a no-op when finished; frees the sequence when the client left
+            ended = last.finish_reason if last is not None and last.finished else "disconnected"
+            log.info("request %s ended: %s", request.request_id, ended,
+                     extra={"engine_request_id": request.request_id, "variant": self.variant,
+                            "finish_reason": ended,
+                            "error_code": last.error_code if last is not None else None,
+                            "prompt_tokens": last.prompt_tokens if last is not None else 0,
+                            "completion_tokens": (last.completion_tokens
+                                                  if last is not None else 0)})
+
+    def _apply_directive(self, directive: dict) -> None:
+        wanted = (float(directive.get("admission_scale", 1.0)),
+                  bool(directive.get("shed_batch", False)))
+        if wanted != self._directive:
+            self.engine.set_admission(scale=wanted[0], shed_batch=wanted[1])
+            self._directive = wanted
+            log.info("QoS directive applied: admission_scale=%g shed_batch=%s", *wanted)
 
     async def _inject_faults(self) -> None:
         fault = self.settings.fault
@@ -137,6 +164,9 @@ class LLMServer:
 
 
 
+_NORMAL = {"admission_scale": 1.0, "shed_batch": False}
+
+
 def _to_chunk(delta: RequestOutput, tokenizer) -> Chunk:
     chunk = Chunk(text=delta.text, num_tokens=len(delta.token_ids))
     if delta.logprobs is not None:
@@ -177,6 +207,18 @@ class _EngineCollector:
         yield gauge("num_requests_running", "Sequences in the batch.", s.running)
         yield gauge("num_requests_waiting", "Requests waiting for admission.", s.waiting)
         yield gauge("num_requests_paused", "Sequences paused for slow readers.", s.paused)
+        yield gauge("num_requests_waiting_batch", "Batch-class requests waiting.",
+                    s.waiting_batch)
+        yield gauge("num_tokens_waiting", "Prompt tokens of the waiting requests.",
+                    s.waiting_tokens)
+        yield gauge("batch_size", "Sequences mlx-lm's BatchGenerator holds now.", s.in_batch)
+        yield gauge("admission_scale", "Live multiplier of the admission bounds (QoS).",
+                    s.admission_scale)
+        yield gauge("shedding_batch", "1 while batch-class requests are refused (QoS).",
+                    1.0 if s.shed_batch else 0.0)
+        lookups = s.prefix_cache_hits + s.prefix_cache_misses
+        yield gauge("prefix_cache_hit_rate", "Share of requests that reused a cached prefix.",
+                    s.prefix_cache_hits / lookups if lookups else 0.0)
         yield gauge("kv_cache_reserved_bytes", "KV memory reserved by admitted requests.",
                     s.kv_reserved_bytes)
         yield gauge("kv_cache_budget_bytes", "KV memory budget.", s.kv_budget_bytes)
@@ -192,3 +234,9 @@ class _EngineCollector:
         yield counter("engine_generation_tokens", "Tokens generated by the engine.",
                       s.generated_tokens)
         yield counter("engine_pauses", "Sequences paused because their reader lagged.", s.pauses)
+        yield counter("admission_rejected", "Requests refused by admission control (429).",
+                      s.rejected)
+        yield counter("deadline_expired", "Requests ended by their deadline (timeout_s).",
+                      s.expired)
+        yield counter("preemptions", "Batch-class sequences paused for interactive ones.",
+                      s.preempted)

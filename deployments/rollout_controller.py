@@ -21,7 +21,9 @@ from mlx_serving.canary import (Arm, AuditLog, Flag, FlagSet, Phase, Rollout, Ro
                                 Sample, SampleSet, StateStore)
 from mlx_serving.canary.store import atomic_write_text
 from mlx_serving.deployments.errors import HTTPError, bad_request
+from mlx_serving.deployments.qos import QosMonitor, QosReport
 from mlx_serving.deployments.settings import AppConfig
+from mlx_serving.deployments.telemetry import QosMetrics, Reporter, route_logs_to_serve
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,8 @@ class RolloutController:
     change on the replica's event loop, where the ticker and ``record`` also run.
     """
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, telemetry=None):
+        route_logs_to_serve()
         cfg = AppConfig.model_validate(config)
         self._variants = set(cfg.variants)
         self._config_stable = cfg.stable
@@ -69,6 +72,12 @@ class RolloutController:
         self._version = time.time_ns()  # monotonic across controller restarts
         self._changed: asyncio.Event | None = None
         self._ticker: asyncio.Task | None = None
+        self._qos = QosMonitor(cfg.qos)
+        self._qos_report: QosReport | None = None
+        self._qos_metrics = QosMetrics()
+        self._reporter = None
+        if telemetry is not None:
+            self._reporter = Reporter(telemetry, "controller", self._qos_metrics.registry).start()
 
     @staticmethod
     def _fresh_samples() -> dict[Arm, SampleSet]:
@@ -98,7 +107,9 @@ class RolloutController:
                 "canary": st.canary if active else None,
                 "weight": st.weight if active else 0.0,
                 "epoch": st.stage_epoch if st else 0,
-                "flags": self._flags.to_dict()}
+                "flags": self._flags.to_dict(),
+                "qos": ({v: d.to_dict() for v, d in self._qos_report.directives.items()}
+                        if self._qos_report else {})}
 
     def _publish(self) -> None:
         self._version = max(self._version + 1, time.time_ns())
@@ -128,14 +139,17 @@ class RolloutController:
 
     # -- samples and ticking --------------------------------------------------------------------------
     async def record(self, batch: list[dict]) -> int:
-        """Samples from a Router; those of another stage or rollout are dropped."""
+        """Samples from a Router: every one feeds the QoS monitor; for the rollout, those of
+        another stage or rollout are dropped. Returns the rollout samples kept."""
         self._ensure_ticking()
+        for s in batch:
+            self._qos.record(s["variant"], s["ttft_s"], s["itl_s"], s["error"])
         st = self._rollout.state if self._rollout else None
         if st is None or st.phase not in _ACTIVE:
             return 0
         by_arm: dict[Arm, list[Sample]] = {Arm.STABLE: [], Arm.CANARY: []}
         for s in batch:
-            if s["epoch"] == st.stage_epoch:
+            if s["arm"] is not None and s["epoch"] == st.stage_epoch:
                 arm = Arm(s["arm"])
                 by_arm[arm].append(Sample(arm=arm, ttft_s=s["ttft_s"], itl_s=s["itl_s"],
                                           e2e_s=s["e2e_s"], error=s["error"]))
@@ -152,11 +166,26 @@ class RolloutController:
                 log.exception("rollout tick failed")
 
     def _tick(self, now: float) -> None:
+        self._evaluate_qos(now)
         if self._rollout is None or self._rollout.state.phase not in _ACTIVE:
             return
         decisions = self._rollout.advance(now, self._arms[Arm.STABLE], self._arms[Arm.CANARY])
         if decisions:
             self._commit(decisions)
+
+    def _evaluate_qos(self, now: float) -> None:
+        """Judge the SLOs; publish changed directives; roll back a canary that alone fails
+        an SLO mapped to rollback_canary."""
+        st = self._rollout.state if self._rollout else None
+        active = st is not None and st.phase in _ACTIVE
+        report = self._qos.evaluate(canary=st.canary if active else None,
+                                    stable=self._effective_stable())
+        self._qos_report = report
+        self._qos_metrics.update(report)
+        if report.rollback_canary and active and st.phase is Phase.PROGRESSING:
+            self._commit([self._rollout.rollback(now, reason=f"QoS: {report.rollback_canary}")])
+        elif report.changed:
+            self._publish()
 
     def _commit(self, decisions) -> None:
         """Persist the state and the decisions, start fresh samples if the stage changed."""
@@ -180,6 +209,11 @@ class RolloutController:
                             "canary": len(self._arms[Arm.CANARY])},
                 "variants": sorted(self._variants),
                 "config_stable": self._config_stable}
+
+    async def qos(self) -> dict:
+        """The QoS monitor's last report and its configuration (admin API)."""
+        return {"report": self._qos_report.to_dict() if self._qos_report else None,
+                "config": self._qos.config.model_dump(mode="json")}
 
     async def history(self, limit: int = 50) -> list[dict]:
         return [d.to_dict() for d in self._audit.last(limit)]

@@ -20,18 +20,23 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 
-from mlx_serving.deployments.errors import HTTPError, bad_request, to_http_error
+from mlx_serving.deployments.circuit import CircuitBreaker, CircuitState
+from mlx_serving.deployments.errors import (
+    HTTPError, bad_request, ended_with_error, to_http_error)
 from mlx_serving.deployments.openai_format import (
     Choice, chat_logprobs, completion_logprobs, sse, usage)
 from mlx_serving.deployments.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
     TokenizeRequest, new_id)
 from mlx_serving.deployments.settings import AppConfig
-from mlx_serving.deployments.telemetry import Reporter, replica_id
+from mlx_serving.deployments.telemetry import Reporter, replica_id, route_logs_to_serve
 from mlx_serving.deployments.traffic import Route, TrafficSplit
 from mlx_serving.deployments.wire import Chunk
-from mlx_serving.engine.errors import InvalidRequestError
+from mlx_serving.engine.errors import EngineClosedError, InvalidRequestError
+from mlx_serving.engine.params import Priority
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +68,19 @@ def _failure(item: "Chunk | BaseException") -> HTTPError | None:
     if isinstance(item, BaseException):
         return to_http_error(item)
     if item.finish_reason == "error":
-        return HTTPError(500, item.error or "generation failed", type="server_error",
-                         code=item.error_code)
+        return ended_with_error(item.error, item.error_code)
     return None
+
+
+# A request that failed before its first chunk has produced nothing: it is safe to send it
+# again, and Serve routes the retry to another replica once the failed one is marked dead.
+_START_ATTEMPTS = 3
+_RETRY_BACKOFF_S = (0.2, 0.5)
+
+
+def _replica_failed(exc: BaseException) -> bool:
+    return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError,
+                            EngineClosedError))
 
 
 @dataclass
@@ -83,6 +98,33 @@ class ActiveStream:
         return {"request_id": self.request_id, "variant": self.variant, "model": self.model,
                 "replica": self.replica, "tokens": self.tokens,
                 "age_s": round(time.time() - self.started, 3)}
+
+
+_PRIORITY_HEADER = "x-priority"
+_TIMEOUT_HEADER = "x-request-timeout"
+
+
+def service_class(body, headers) -> tuple[str, float | None]:
+    """A request's priority class and deadline: the body's fields, else the headers.
+
+    ``X-Priority: interactive|batch`` and ``X-Request-Timeout: SECONDS`` let load tools and
+    proxies set them without touching bodies; a body field wins over its header.
+    """
+    priority = body.priority or headers.get(_PRIORITY_HEADER, "interactive").strip().lower()
+    if priority not in ("interactive", "batch"):
+        raise bad_request(f"X-Priority: must be 'interactive' or 'batch', got {priority!r}",
+                          "X-Priority")
+    timeout_s = body.timeout_s
+    raw = headers.get(_TIMEOUT_HEADER)
+    if timeout_s is None and raw is not None:
+        try:
+            timeout_s = float(raw)
+        except ValueError:
+            timeout_s = -1.0
+        if not 0 < timeout_s < float("inf"):
+            raise bad_request(f"X-Request-Timeout: must be a positive number of seconds, "
+                              f"got {raw!r}", "X-Request-Timeout")
+    return priority, timeout_s
 
 
 class _Metrics:
@@ -106,6 +148,20 @@ class _Metrics:
                                          labels, registry=r)
         self.active = Gauge("mlx_serving:router_active_streams", "Streams being served.",
                             ["replica"], registry=r)
+        self.errors = Counter("mlx_serving:request_errors", "Failed requests by error type.",
+                              labels + ["type", "code"], registry=r)
+        self.cached_tokens = Counter("mlx_serving:prompt_tokens_cached",
+                                     "Prompt tokens served from the prefix cache.", labels,
+                                     registry=r)
+        self.circuit_state = Gauge("mlx_serving:circuit_state",
+                                   "Circuit breaker per variant: 0 closed, 1 half-open, 2 open.",
+                                   labels, registry=r)
+        self.circuit_transitions = Counter("mlx_serving:circuit_transitions",
+                                           "Circuit breaker state changes.", labels + ["to"],
+                                           registry=r)
+        self.retries = Counter("mlx_serving:request_retries",
+                               "Requests sent again after their replica failed before the "
+                               "first token.", labels, registry=r)
         self.replica = replica
 
 
@@ -152,6 +208,7 @@ class _Call:
             m.e2e.labels(*labels).observe(now - self.started)
             if self.counts_prompt:
                 m.prompt_tokens.labels(*labels).inc(chunk.prompt_tokens)
+                m.cached_tokens.labels(*labels).inc(chunk.cached_tokens)
             m.generation_tokens.labels(*labels).inc(chunk.completion_tokens)
             self.finish(error=chunk.finish_reason == "error")
 
@@ -164,18 +221,22 @@ class Router:
     """OpenAI-compatible ingress in front of the variants' LLMServer deployments."""
 
     def __init__(self, config: dict, servers: dict, telemetry=None, controller=None):
+        route_logs_to_serve()
         self.config = AppConfig.model_validate(config)
         self._servers = servers
         self._telemetry = telemetry
         self._controller = controller
         self._traffic = TrafficSplit(controller, self.config.stable)
         env_keys = [k for k in os.environ.get("MLX_SERVING_API_KEYS", "").split(",") if k]
-        self._api_keys = [k.encode() for k in self.config.api_keys + env_keys]
-        token = self.config.operator_token or os.environ.get("MLX_SERVING_OPERATOR_TOKEN")
+        self._api_keys = [k.encode() for k in
+                          [s.get_secret_value() for s in self.config.api_keys] + env_keys]
+        token = ((self.config.operator_token and self.config.operator_token.get_secret_value())
+                 or os.environ.get("MLX_SERVING_OPERATOR_TOKEN"))
         self._operator_token = token.encode() if token else None
         self._replica = replica_id()
         self._metrics = _Metrics(self._replica)
         self._active: dict[str, ActiveStream] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
         self._models: dict[str, tuple[float, list[dict]]] = {}
         self._reporter = None
         if telemetry is not None:
@@ -266,20 +327,72 @@ class Router:
         raise HTTPError(404, f"the model {model!r} does not exist; served: {names}",
                         type="not_found_error", param="model", code="model_not_found")
 
+    def _breaker(self, variant: str) -> CircuitBreaker:
+        breaker = self._breakers.get(variant)
+        if breaker is None:
+            breaker = self._breakers[variant] = CircuitBreaker(
+                variant, self.config.circuit_breaker, on_transition=self._on_circuit_change)
+            self._metrics.circuit_state.labels(variant, self._replica).set(0)
+        return breaker
+
+    def _on_circuit_change(self, variant: str, old: CircuitState, new: CircuitState,
+                           reason: str) -> None:
+        level = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}[new]
+        self._metrics.circuit_state.labels(variant, self._replica).set(level)
+        self._metrics.circuit_transitions.labels(variant, self._replica, new.value).inc()
+
+    def _admit(self, route: Route) -> Route:
+        """The route after the circuit breakers: a canary whose circuit is open sends its
+        traffic to the stable variant (with no rollout sample); an open stable fails fast."""
+        if self._breaker(route.variant).admit():
+            return route
+        stable = self._traffic.table["stable"]
+        if route.variant != stable and self._breaker(stable).admit():
+            return Route(stable, None, route.epoch)
+        breaker = self._breakers[route.variant]
+        raise HTTPError(503, f"variant {route.variant!r} is failing; its circuit breaker is "
+                             "open", type="service_unavailable_error", code="circuit_open",
+                        retry_after=max(1.0, breaker.retry_after_s))
+
+    def _verdict(self, variant: str, exc: BaseException | None, first: Chunk | None) -> None:
+        """Tell the variant's breaker how its replica handled one call."""
+        breaker = self._breakers[variant]
+        if exc is None:
+            breaker.record(not (first.finish_reason == "error"
+                                and ended_with_error(first.error, first.error_code).status >= 500))
+        elif (isinstance(exc, Exception) and not isinstance(exc, BackPressureError)
+              and to_http_error(exc).status >= 500):
+            breaker.record(False)
+        else:  # invalid input, overload, a client that went away: nothing about the backend
+            breaker.release()
+
     async def _start(self, route: Route, engine_request,
                      counts_prompt: bool = True) -> tuple[Any, Chunk, _Call]:
         """Send one engine request; returns its stream and first chunk (errors raise here)."""
-        handle = self._servers[route.variant].options(stream=True)
         stream = ActiveStream(engine_request.request_id, route.variant, engine_request.model)
         call = _Call(self, route, stream, time.perf_counter(), counts_prompt)
-        gen = handle.generate.remote(engine_request)
-        try:
-            first = await gen.__anext__()
-        except BaseException as exc:
-            gen.cancel()
-            if not isinstance(exc, (InvalidRequestError, asyncio.CancelledError)):
-                call.finish(error=True)
-            raise
+        for attempt in range(_START_ATTEMPTS):
+            route = self._admit(route)
+            call.route, call.variant = route, route.variant
+            stream.variant = route.variant
+            gen = self._servers[route.variant].options(stream=True).generate.remote(
+                engine_request, self._traffic.directive(route.variant))
+            try:
+                first = await gen.__anext__()
+                self._verdict(route.variant, None, first)
+                break
+            except BaseException as exc:
+                gen.cancel()
+                self._verdict(route.variant, exc, None)
+                if attempt + 1 < _START_ATTEMPTS and _replica_failed(exc):
+                    log.warning("request %s: replica failed before its first token (%r); "
+                                "retrying", engine_request.request_id, exc)
+                    self._metrics.retries.labels(route.variant, self._replica).inc()
+                    await asyncio.sleep(_RETRY_BACKOFF_S[attempt])
+                    continue
+                if not isinstance(exc, (InvalidRequestError, asyncio.CancelledError)):
+                    call.finish(error=True)
+                raise
         self._active[stream.request_id] = stream
         call.observe(first)
         return gen, first, call
@@ -347,8 +460,15 @@ class Router:
             raise
         return started
 
-    def _outcome(self, variant: str, endpoint: str, outcome: str) -> None:
+    def _outcome(self, variant: str, endpoint: str, outcome: str,
+                 error: HTTPError | None = None) -> None:
         self._metrics.requests.labels(variant, self._replica, endpoint, outcome).inc()
+        if error is not None:
+            self._metrics.errors.labels(variant, self._replica, error.type,
+                                        str(error.code)).inc()
+        log.info("request ended: %s", outcome,
+                 extra={"variant": variant, "endpoint": endpoint, "outcome": outcome,
+                        "error_code": error.code if error is not None else None})
 
     # -- OpenAI endpoints ---------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -368,10 +488,14 @@ class Router:
             key = TrafficSplit.request_key(body.user, request.headers.get("x-session-id"))
             route, model = await self._resolve(body.model, key)
             variant = route.variant
-            engine_requests = body.to_engine(model)
+            priority, timeout_s = service_class(body, request.headers)
+            engine_requests = [r.model_copy(update={"priority": Priority(priority),
+                                                    "timeout_s": timeout_s})
+                               for r in body.to_engine(model)]
             started = await self._begin(route, engine_requests, body.n)
         except Exception as exc:
-            self._outcome(variant, endpoint, f"http_{to_http_error(exc).status}")
+            err = to_http_error(exc)
+            self._outcome(variant, endpoint, f"http_{err.status}", err)
             return error_response(exc, self._tags(route, key) if route else None)
         meta = {"id": new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()),
                 "model": body.model}
@@ -400,7 +524,7 @@ class Router:
         async for index, item in self._merged(started):
             err = _failure(item)
             if err is not None:
-                self._outcome(variant, endpoint, f"http_{err.status}")
+                self._outcome(variant, endpoint, f"http_{err.status}", err)
                 return error_response(err)
             choices[index].add(item)
         self._outcome(variant, endpoint, "ok")
@@ -422,7 +546,7 @@ class Router:
                              endpoint) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         choices = [Choice() for _ in started]
-        outcome = "cancelled"
+        outcome, error = "cancelled", None
         try:
             if chat:
                 for i in range(len(started)):
@@ -432,7 +556,7 @@ class Router:
             async for index, item in self._merged(started):
                 err = _failure(item)
                 if err is not None:
-                    outcome = f"stream_error_{err.code}"
+                    outcome, error = f"stream_error_{err.code}", err
                     yield sse(err.body())
                     return  # no [DONE] after an error
                 choice = choices[index]
@@ -458,11 +582,13 @@ class Router:
             yield sse("[DONE]")
             outcome = "ok"
         finally:
-            self._outcome(variant, endpoint, outcome)
+            self._outcome(variant, endpoint, outcome, error)
 
     async def routing_state(self) -> dict:
-        """This replica's routing table version and long-poll health (handle call)."""
-        return {"replica": self._replica, **self._traffic.watch_state()}
+        """This replica's routing table version, long-poll health and circuit breakers
+        (handle call)."""
+        return {"replica": self._replica, **self._traffic.watch_state(),
+                "circuits": {v: b.snapshot() for v, b in self._breakers.items()}}
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
@@ -530,6 +656,17 @@ class Router:
         else:
             text = await self._telemetry.metrics_text.remote()
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/admin/qos")
+    async def admin_qos(self, request: Request) -> Response:
+        """The QoS monitor's SLOs, violations and directives, and this Router's circuits."""
+        response = await self._admin(request, "qos")
+        if response.status_code == 200:
+            body = json.loads(response.body)
+            body["circuits"] = {"router": self._replica,
+                                **{v: b.snapshot() for v, b in self._breakers.items()}}
+            response = JSONResponse(body)
+        return response
 
     @app.get("/admin/streams")
     async def admin_streams(self, request: Request) -> Response:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from mlx_serving.deployments.circuit import CircuitConfig
+from mlx_serving.deployments.qos import QosConfig
 from mlx_serving.engine.config import EngineConfig
 
 
@@ -87,17 +89,24 @@ class AppConfig(BaseModel):
 
     variants: dict[str, VariantConfig] = Field(description="Model versions by name.")
     stable: str = Field(description="The variant that takes traffic by default.")
-    api_keys: list[str] = Field(
+    # SecretStr: a repr or log of the config shows '**********', never a key.
+    api_keys: list[SecretStr] = Field(
         default_factory=list,
         description="Bearer tokens clients must send; empty = no auth. Also read from the "
                     "MLX_SERVING_API_KEYS environment variable (comma-separated).")
-    operator_token: str | None = Field(
+    operator_token: SecretStr | None = Field(
         default=None,
         description="Token for /admin/* (also MLX_SERVING_OPERATOR_TOKEN); unset = admin off.")
     max_body_bytes: int = Field(default=4 * 2**20, gt=0, description="Largest request body.")
     router: dict[str, Any] = Field(
         default_factory=dict, description="Ray Serve deployment options for the Router.")
     canary: CanaryConfig = Field(default_factory=CanaryConfig)
+    circuit_breaker: CircuitConfig = Field(
+        default_factory=CircuitConfig,
+        description="Per-variant circuit breaker in each Router replica (docs/RELIABILITY.md).")
+    qos: QosConfig = Field(
+        default_factory=QosConfig,
+        description="SLOs over sliding windows and the actions their violations trigger.")
 
     @model_validator(mode="after")
     def _stable_exists(self):

@@ -15,7 +15,8 @@ import uuid
 import time
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
+from prometheus_client import (CollectorRegistry, Gauge, disable_created_metrics,
+                               generate_latest)
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
@@ -33,6 +34,7 @@ class Telemetry:
     """Collects metric snapshots and active-stream lists from every replica."""
 
     def __init__(self, stale_after_s: float = STALE_AFTER_S):
+        route_logs_to_serve()
         self._stale_after_s = stale_after_s
         self._sources: dict[str, tuple[float, str, list[dict]]] = {}
 
@@ -109,6 +111,58 @@ class Reporter:
                     timeout_s=5)
             except Exception as exc:  # Telemetry restarting: keep serving, retry next tick
                 log.debug("telemetry push failed: %r", exc)
+
+
+class QosMetrics:
+    """The QoS monitor's last report as Prometheus gauges (the controller's registry)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r, labels = self.registry, ["variant", "slo"]
+        self.observed = Gauge("mlx_serving:slo_observed", "Observed value of each SLO's metric "
+                              "over its window (seconds, or a share for error_rate).", labels,
+                              registry=r)
+        self.violated = Gauge("mlx_serving:slo_violated", "1 while the SLO is violated.", labels,
+                              registry=r)
+        self.admission = Gauge("mlx_serving:qos_admission_scale", "Scale applied to the "
+                               "replicas' admission bounds.", ["variant"], registry=r)
+        self.shedding = Gauge("mlx_serving:qos_shed_batch", "1 while batch-class requests are "
+                              "refused.", ["variant"], registry=r)
+        self.alerts = Gauge("mlx_serving:qos_alerts", "Active QoS alerts.", registry=r)
+
+    def update(self, report) -> None:
+        for gauge in (self.observed, self.violated, self.admission, self.shedding):
+            gauge.clear()
+        for variant, q in report.variants.items():
+            observed = {"ttft_p95": q.ttft_p95_s, "itl_p95": q.itl_p95_s,
+                        "error_rate": q.error_rate}
+            for slo, value in observed.items():
+                if value is not None:
+                    self.observed.labels(variant, slo).set(value)
+                self.violated.labels(variant, slo).set(
+                    1.0 if slo in {v.value for v in q.violated} else 0.0)
+        for variant, d in report.directives.items():
+            self.admission.labels(variant).set(d.admission_scale)
+            self.shedding.labels(variant).set(1.0 if d.shed_batch else 0.0)
+        self.alerts.set(len(report.alerts))
+
+
+def route_logs_to_serve() -> None:
+    """Send this package's log records (engine included) to the replica's Serve log file.
+
+    Serve configures only the ``ray.serve`` logger: with ``logging_config: {encoding: JSON}``
+    its handlers write one JSON object per line, with the Serve request id (the client's
+    ``X-Request-ID`` or a generated one, propagated from the Router to the LLMServer through
+    handle calls), deployment and replica. Records of ``mlx_serving.*`` loggers get the same
+    handlers, so a request can be followed from Router to replica by that id.
+    """
+    serve_logger = logging.getLogger("ray.serve")
+    ours = logging.getLogger("mlx_serving")
+    if not serve_logger.handlers:  # outside a Serve replica
+        return
+    ours.handlers = list(serve_logger.handlers)
+    ours.setLevel(serve_logger.level)
+    ours.propagate = False
 
 
 def replica_id() -> str:

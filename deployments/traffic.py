@@ -8,6 +8,7 @@ controller in batches. Without a rollout every request goes to the stable varian
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
@@ -59,7 +60,10 @@ class TrafficSplit:
         if not self._tasks or any(t.done() for t in self._tasks):
             for t in self._tasks:
                 t.cancel()
-            self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._flush())]
+            # A fresh context: started inside a request, the tasks would otherwise carry
+            # that request's Serve context (its id on every long-poll, forever).
+            self._tasks = [asyncio.create_task(self._watch(), context=contextvars.Context()),
+                           asyncio.create_task(self._flush(), context=contextvars.Context())]
 
     async def refresh(self) -> None:
         """Fetch the routing table now (e.g. right after an operator command)."""
@@ -86,6 +90,10 @@ class TrafficSplit:
         """The sticky key of a request: the `user` field, else X-Session-Id, else random."""
         return user or session or uuid.uuid4().hex
 
+    def directive(self, variant: str) -> dict | None:
+        """The QoS directive for ``variant`` in the current table (None: act normally)."""
+        return self._table.get("qos", {}).get(variant)
+
     def route(self, key: str) -> Route:
         """The variant for a request with sticky ``key``."""
         t = self.table
@@ -109,11 +117,12 @@ class TrafficSplit:
 
     def record(self, route: Route, *, ttft_s: float | None, itl_s: float | None,
                e2e_s: float | None, error: bool) -> None:
-        """Queue one finished request's numbers for the controller (rollouts only)."""
-        if route.arm is None or len(self._samples) >= MAX_BUFFERED_SAMPLES:
+        """Queue one finished request's numbers for the controller (its QoS monitor, and
+        the rollout's analysis when the request was part of one)."""
+        if self._controller is None or len(self._samples) >= MAX_BUFFERED_SAMPLES:
             return
-        self._samples.append({"arm": route.arm, "epoch": route.epoch, "ttft_s": ttft_s,
-                              "itl_s": itl_s, "e2e_s": e2e_s, "error": error})
+        self._samples.append({"variant": route.variant, "arm": route.arm, "epoch": route.epoch,
+                              "ttft_s": ttft_s, "itl_s": itl_s, "e2e_s": e2e_s, "error": error})
 
     async def _watch(self) -> None:
         while True:

@@ -80,3 +80,30 @@ def test_a_watch_that_ended_is_restarted_by_the_next_use_of_the_table():
 
     first, second = asyncio.run(scenario())
     assert not any(t in first for t in second) and len(second) == 2
+
+
+def test_the_watch_started_inside_a_request_does_not_carry_its_request_id():
+    """Regression: the watch starts lazily on a request's first use of the table. Its tasks
+    inherited that request's Serve context, so every long-poll to the controller was
+    logged under the id of whichever request happened to start it."""
+    from ray.serve.context import _get_serve_request_context, _RequestContext, _set_request_context
+
+    seen = []
+
+    class Recording(Controller):
+        async def _wait_for_change(self, version, timeout_s):
+            seen.append(_get_serve_request_context().request_id)
+            return await super()._wait_for_change(version, timeout_s)
+
+    async def scenario():
+        _set_request_context(request_id="client-request-1")
+        split = TrafficSplit(Recording([_table(2)]), "stable")
+        split.table  # first use, inside the request
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if seen:
+                break
+        split.stop()
+
+    asyncio.run(scenario())
+    assert seen and "client-request-1" not in seen
