@@ -78,7 +78,7 @@ class LLMServer:
         replica with the traffic itself. Invalid requests and refused admissions raise the
         engine's typed errors before the first chunk.
         """
-        self._apply_directive(directive or _NORMAL)
+        await self._apply_directive(directive or _NORMAL)
         await self._inject_faults()
         stream = self.engine.submit(request)
         if inspect.isawaitable(stream):  # EngineProcess: the child validates the request
@@ -110,12 +110,14 @@ class LLMServer:
                             "completion_tokens": (last.completion_tokens
                                                   if last is not None else 0)})
 
-    def _apply_directive(self, directive: dict) -> None:
+    async def _apply_directive(self, directive: dict) -> None:
         wanted = (float(directive.get("admission_scale", 1.0)),
                   bool(directive.get("shed_batch", False)))
         if wanted != self._directive:
-            self.engine.set_admission(scale=wanted[0], shed_batch=wanted[1])
             self._directive = wanted
+            # A round trip when the engine runs in a child process: off the event loop.
+            await asyncio.to_thread(self.engine.set_admission, scale=wanted[0],
+                                    shed_batch=wanted[1])
             log.info("QoS directive applied: admission_scale=%g shed_batch=%s", *wanted)
 
     async def _inject_faults(self) -> None:
