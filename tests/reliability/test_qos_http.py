@@ -78,7 +78,6 @@ def test_a_failing_variant_opens_its_circuit_then_closes_once_healthy(serve_app)
             if codes[-3:] == ["circuit_open"] * 3:
                 break
         assert "injected_fault" in codes and codes[-1] == "circuit_open", codes
-        r = post(serve_app, chat_body())
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
         wait_until(lambda: serve_app.metric("mlx_serving:circuit_transitions_total") >= 1,
                    timeout=15, interval=0.5)  # Routers push their metrics once a second
