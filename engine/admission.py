@@ -149,11 +149,16 @@ class AdmissionControl:
     def queued_requests(self) -> int:
         return self._queued.requests
 
-    def reserve(self, tokens: int, kv_bytes: int, priority: Priority) -> None:
+    def reserve(self, tokens: int, kv_bytes: int, priority: Priority, free_slots: int = 0) -> None:
         """Count a request into the queue, or raise QueueFullError (or LoadShedError) if it may
-        not join."""
+        not join.
+
+        ``free_slots`` is how many sequences the batch could take right now: that many queued
+        requests are only waiting for their prefill, not for capacity, so the request bound
+        leaves room for them (a burst of N clients against a batch of N is not overload).
+        """
         with self._lock:
-            refusal = self._refusal(tokens, kv_bytes, priority)
+            refusal = self._refusal(tokens, kv_bytes, priority, free_slots)
             if refusal is not None:
                 self.rejected += 1
                 raise refusal
@@ -174,7 +179,8 @@ class AdmissionControl:
             if admitted:
                 self._rate.record(tokens, kv_bytes)
 
-    def _refusal(self, tokens: int, kv_bytes: int, priority: Priority) -> QueueFullError | None:
+    def _refusal(self, tokens: int, kv_bytes: int, priority: Priority,
+                 free_slots: int) -> QueueFullError | None:
         q = self._queued
         if self._settings.shed_batch and priority is Priority.BATCH:
             return LoadShedError(
@@ -182,10 +188,11 @@ class AdmissionControl:
                 retry_after=self._retry_after(QueueLimit.REQUESTS, q.requests),
                 limit=QueueLimit.SHED_BATCH.value)
         bounds = self.bounds()
-        if q.requests >= bounds.requests:
-            return self._full(QueueLimit.REQUESTS, q.requests + 1 - bounds.requests,
+        if q.requests >= bounds.requests + free_slots:
+            return self._full(QueueLimit.REQUESTS, q.requests + 1 - bounds.requests - free_slots,
                               f"{q.requests} requests are waiting, the limit is "
-                              f"{bounds.requests} requests")
+                              f"{bounds.requests} requests beyond the {free_slots} free batch "
+                              f"slots")
         if q.requests and q.tokens + tokens > bounds.tokens:
             return self._full(QueueLimit.TOKENS, min(q.tokens + tokens - bounds.tokens, q.tokens),
                               f"the waiting requests hold {q.tokens} prompt tokens and this one "

@@ -121,7 +121,10 @@ class Scheduler:
         with self._lock:
             if seq.request_id in self._ids:
                 raise ValueError(f"request id {seq.request_id!r} is already in use")
-            self.admission.reserve(len(seq.prompt_ids), seq.kv_bytes, seq.priority)
+            runner = self.runners.get(seq.model_name)
+            free_slots = self.config.max_batch_size - (runner.num_running if runner else 0)
+            self.admission.reserve(len(seq.prompt_ids), seq.kv_bytes, seq.priority,
+                                   free_slots=max(0, free_slots))
             self._ids.add(seq.request_id)
         self._inbox.put(_Submit(seq))
 

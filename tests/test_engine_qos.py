@@ -314,6 +314,37 @@ def test_scale_lowers_every_bound(tiny_model_path):
         eng.shutdown()
 
 
+def test_free_batch_slots_are_not_counted_as_queue():
+    control = AdmissionControl(EngineConfig(max_waiting_requests=2), kv_budget_bytes=2**30)
+    for _ in range(5):   # 3 free slots + the queue of 2
+        control.reserve(5, 1024, Priority.INTERACTIVE, free_slots=3)
+    with pytest.raises(QueueFullError) as info:
+        control.reserve(5, 1024, Priority.INTERACTIVE, free_slots=3)
+    assert "limit is 2 requests beyond the 3 free batch slots" in info.value.message
+    with pytest.raises(QueueFullError):
+        control.reserve(5, 1024, Priority.INTERACTIVE)   # no free slots: the plain bound
+
+
+def test_a_burst_as_large_as_the_batch_is_admitted(tiny_model_path):
+    # Regression: 128 clients against max_batch_size 128 got 429s, because requests waiting
+    # only for their prefill counted against max_waiting_requests.
+    eng = make_engine(tiny_model_path, max_batch_size=8, prefill_batch_size=2,
+                      max_waiting_requests=1)
+    try:
+        async def go():
+            streams = [eng.submit(prompt_request(3)) for _ in range(9)]   # 8 slots + 1 queued
+            with pytest.raises(QueueFullError):
+                for _ in range(8):   # the engine thread may admit some meanwhile
+                    streams.append(eng.submit(prompt_request(3)))
+            return [await drain(s) for s in streams]
+
+        outs = run(go())
+        assert len(outs) >= 9
+        assert all(o.final.finish_reason is FinishReason.LENGTH for o in outs)
+    finally:
+        eng.shutdown()
+
+
 def test_retry_after_grows_with_the_work_ahead():
     control = AdmissionControl(EngineConfig(max_waiting_requests=100), kv_budget_bytes=2**30)
     for _ in range(10):   # ten requests left the queue for the batch just now
