@@ -148,6 +148,9 @@ class Engine:
         prompt_ids = loaded.prompt_ids(request)
         max_tokens = loaded.resolve_max_tokens(request, len(prompt_ids), self.config.default_max_tokens)
         params = request.params
+        if params.top_k >= loaded.vocab_size:   # keeps every token: the same as no top-k
+            params = params.model_copy(update={"top_k": 0})
+            request = request.model_copy(update={"params": params})
         loaded.check_token_ids(params.stop_token_ids, "stop_token_ids")
         if params.logit_bias:
             loaded.check_token_ids(list(params.logit_bias), "logit_bias")

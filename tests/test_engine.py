@@ -114,6 +114,23 @@ def test_same_seed_same_output_alone_and_in_a_mixed_batch(engine):
     assert len(set(alone.token_ids)) > 10                    # it really sampled
 
 
+@pytest.mark.parametrize("seed", [None, 3])
+def test_top_k_of_the_whole_vocabulary_is_no_top_k(engine, seed):
+    # Regression: top_k >= vocab_size made mlx-lm's argpartition fail and ended the whole
+    # batch with an engine error.
+    vocab = engine.list_models()[0].vocab_size
+    out = run(collect(engine, chat("Hi", max_tokens=6, temperature=1.0, top_k=vocab + 5,
+                                   seed=seed, ignore_eos=True)))
+    assert out.final.error is None and len(out.token_ids) == 6
+    again = run(collect(engine, chat("Hi", max_tokens=6, temperature=1.0, top_k=vocab,
+                                     seed=seed, ignore_eos=True)))
+    assert again.final.error is None and len(again.token_ids) == 6
+    if seed is not None:   # the same as sampling without top-k
+        plain = run(collect(engine, chat("Hi", max_tokens=6, temperature=1.0, seed=seed,
+                                         ignore_eos=True)))
+        assert out.token_ids == again.token_ids == plain.token_ids
+
+
 def test_top_logprobs(engine):
     out = run(collect(engine, chat("Hi", max_tokens=5, temperature=0, logprobs=True,
                                    top_logprobs=3, ignore_eos=True)))
