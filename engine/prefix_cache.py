@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mlx.core as mx
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 
@@ -65,6 +66,10 @@ class PrefixCache:
     def store(self, tokens: list[int], cache: list) -> None:
         """Keep ``cache`` (which holds exactly ``tokens``) for later requests."""
         if self.enabled and tokens and cache:
+            # mlx-lm extracts a finished sequence's cache from the batch as lazy slices, which
+            # keep the whole batch's KV buffers alive while their nbytes counts one sequence.
+            # Evaluated, they hold only their own copy, and the byte budget means what it says.
+            mx.eval([c.state for c in cache])
             self._lru.insert_cache(self._KEY, list(tokens), cache)
 
     def clear(self) -> None:

@@ -174,6 +174,35 @@ def test_prefix_cache_hit_gives_identical_output(tiny_model_path):
 
 
 # -- cancellation and backpressure -------------------------------------------------------------------
+def test_prefix_cache_holds_only_what_it_counts(tiny_model_path):
+    # Regression: the KV caches mlx-lm extracts from the batch for the prefix cache were lazy
+    # slices that kept the whole batch's KV buffers alive while reporting one sequence's
+    # size, so the cache pinned far more memory than prompt_cache_bytes allowed.
+    eng = make_engine(tiny_model_path, prompt_cache_bytes=64 * 2**20, max_batch_size=8)
+
+    def net_memory() -> int:
+        stats = eng.stats()
+        return stats.active_memory_bytes - stats.prefix_cache_bytes
+
+    async def wave(tag: str):
+        # Different lengths, so sequences leave the batch at different steps.
+        reqs = [chat(f"{tag} {i} " + "lorem ipsum dolor " * 40, max_tokens=8 + 4 * i,
+                     temperature=0, ignore_eos=True) for i in range(8)]
+        return await asyncio.gather(*(collect(eng, r) for r in reqs))
+
+    try:
+        run(wave("warm-up"))
+        wait_until(lambda: eng.stats().running == 0)
+        baseline = net_memory()
+        for w in range(4):
+            run(wave(f"wave {w}"))
+        wait_until(lambda: eng.stats().running == 0)
+        assert eng.stats().prefix_cache_bytes > 0
+        assert net_memory() <= baseline + (1 << 20), (baseline, net_memory())
+    finally:
+        eng.shutdown()
+
+
 def test_cancellation_frees_the_slot_within_a_step(engine):
     async def go():
         gen = engine.generate(chat("Go on forever", max_tokens=5000, temperature=0,
