@@ -26,6 +26,7 @@ from ray.serve.exceptions import BackPressureError
 from mlx_serving.deployments.circuit import CircuitBreaker, CircuitState
 from mlx_serving.deployments.errors import (
     HTTPError, bad_request, ended_with_error, to_http_error)
+from mlx_serving.deployments import openapi
 from mlx_serving.deployments.openai_format import (
     Choice, chat_logprobs, completion_logprobs, sse, usage)
 from mlx_serving.deployments.protocol import (
@@ -41,6 +42,7 @@ from mlx_serving.engine.params import Priority
 log = logging.getLogger(__name__)
 
 app = FastAPI(title="mlx-serving", description="OpenAI-compatible LLM serving on MLX and Ray Serve.")
+openapi.install(app)  # /openapi.json with the bodies the endpoints read by hand
 
 
 def error_response(exc: BaseException, extra_headers: dict[str, str] | None = None) -> JSONResponse:
@@ -55,7 +57,7 @@ async def _openai_shaped_http_error(request: Request, exc: StarletteHTTPExceptio
     """Unknown paths and methods answer in OpenAI's error shape too."""
     err = HTTPError(exc.status_code, str(exc.detail), type="invalid_request_error",
                     code="not_found" if exc.status_code == 404 else "method_not_allowed")
-    return JSONResponse(err.body(), status_code=exc.status_code)
+    return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 _MODELS_TTL_S = 5.0
