@@ -176,12 +176,13 @@ def _to_chunk(delta: RequestOutput, tokenizer) -> Chunk:
             TokenInfo(tokenizer.decode([lp.token_id]), lp.logprob,
                       [(tokenizer.decode([t]), v) for t, v in lp.top])
             for lp in delta.logprobs]
+    if delta.usage is not None:   # the first and the last delta
+        chunk.prompt_tokens = delta.usage.prompt_tokens
+        chunk.cached_tokens = delta.usage.cached_tokens
     if delta.finished:
         chunk.finish_reason = delta.finish_reason.value
         chunk.error, chunk.error_code = delta.error, delta.error_code
-        chunk.prompt_tokens = delta.usage.prompt_tokens
         chunk.completion_tokens = delta.usage.completion_tokens
-        chunk.cached_tokens = delta.usage.cached_tokens
     return chunk
 
 

@@ -47,6 +47,10 @@ class Choice:
         self.text += chunk.text
         if chunk.logprobs:
             self.logprobs.extend(chunk.logprobs)
+        if chunk.prompt_tokens:
+            self.prompt_tokens = chunk.prompt_tokens
+            self.cached_tokens = chunk.cached_tokens
+        self.completion_tokens += chunk.num_tokens   # so far; the last chunk's count wins
         if chunk.finished:
             self.finish_reason = chunk.finish_reason
             self.prompt_tokens = chunk.prompt_tokens

@@ -110,6 +110,9 @@ class _Request(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        default=False, description="vLLM's extension: with include_usage, every chunk also "
+                                   "carries the usage so far.")
 
 
 _TEXT_PART = {"type": "object", "required": ["type", "text"],

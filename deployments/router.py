@@ -503,9 +503,11 @@ class Router:
                 "model": body.model}
         n_per_prompt = body.n
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._stream_events(started, meta, chat, include_usage, n_per_prompt,
-                                         variant, endpoint)
+            options = body.stream_options
+            include_usage = bool(options and options.include_usage)
+            continuous = include_usage and options.continuous_usage_stats
+            events = self._stream_events(started, meta, chat, include_usage, continuous,
+                                         n_per_prompt, variant, endpoint)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", **self._tags(route, key)})
         response = await self._whole_response(started, meta, chat, n_per_prompt, variant, endpoint)
@@ -544,8 +546,8 @@ class Router:
                              "usage": usage(choices, n_per_prompt),
                              "system_fingerprint": None})
 
-    async def _stream_events(self, started, meta, chat, include_usage, n_per_prompt, variant,
-                             endpoint) -> AsyncIterator[str]:
+    async def _stream_events(self, started, meta, chat, include_usage, continuous, n_per_prompt,
+                             variant, endpoint) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         choices = [Choice() for _ in started]
         outcome, error = "cancelled", None
@@ -577,7 +579,11 @@ class Router:
                          "logprobs": (completion_logprobs(item.logprobs, offset)
                                       if item.logprobs else None),
                          "finish_reason": finish}
-                yield sse({**meta, "object": obj, "choices": [c]})
+                if continuous:   # vLLM's continuous_usage_stats
+                    yield sse({**meta, "object": obj, "choices": [c],
+                               "usage": usage(choices, n_per_prompt)})
+                else:
+                    yield sse({**meta, "object": obj, "choices": [c]})
             if include_usage:
                 yield sse({**meta, "object": obj, "choices": [],
                            "usage": usage(choices, n_per_prompt)})

@@ -28,9 +28,9 @@ class Chunk:
     finish_reason: str | None = None     # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
     error_code: str | None = None
-    prompt_tokens: int = 0               # with finish_reason: usage of the whole request
-    completion_tokens: int = 0
-    cached_tokens: int = 0
+    prompt_tokens: int = 0               # on the first chunk with tokens and the last
+    completion_tokens: int = 0           # with finish_reason: of the whole request
+    cached_tokens: int = 0               # as prompt_tokens
     replica: str | None = None           # set on the first chunk: which replica serves it
 
     @property

@@ -48,6 +48,7 @@ class Timings:
 @dataclass(slots=True)
 class RequestOutput:
     """A delta of one request's output; the last one carries finish_reason, usage and timings.
+    The first one (the first token) carries the usage so far too: the prompt's size is known.
 
     Deltas queued for a slow reader are coalesced with ``merge``: text and tokens are
     concatenated, nothing is dropped.

@@ -437,6 +437,8 @@ class Scheduler:
                 text += seq.stop_matcher.flush()
 
         delta = RequestOutput(seq.request_id, text, [token], logprobs)
+        if len(seq.generated) == 1:   # the prompt's size, for streams that report usage as they go
+            delta.usage = Usage(len(seq.prompt_ids), 1, seq.cached_tokens)
         if finish is None:
             self._push(seq, delta)
             return

@@ -131,6 +131,18 @@ def test_top_k_of_the_whole_vocabulary_is_no_top_k(engine, seed):
         assert out.token_ids == again.token_ids == plain.token_ids
 
 
+def test_first_and_last_delta_carry_usage(engine):
+    async def deltas():
+        return [d async for d in engine.generate(chat("Hi", max_tokens=5, temperature=0,
+                                                         ignore_eos=True))]
+
+    out = run(deltas())
+    first, last = out[0], out[-1]
+    assert first.usage is not None and first.usage.prompt_tokens == last.usage.prompt_tokens > 0
+    assert first.usage.completion_tokens == 1 and last.usage.completion_tokens == 5
+    assert all(d.usage is None for d in out[1:-1])
+
+
 def test_top_logprobs(engine):
     out = run(collect(engine, chat("Hi", max_tokens=5, temperature=0, logprobs=True,
                                    top_logprobs=3, ignore_eos=True)))

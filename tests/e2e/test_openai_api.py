@@ -53,6 +53,26 @@ def test_streamed_chat_equals_unstreamed(client):
     assert usage.prompt_tokens_details.cached_tokens >= 0
 
 
+def test_continuous_usage_stats_put_usage_in_every_chunk(client):
+    # vLLM's extension (GuideLLM sends it): with include_usage, each chunk carries the usage
+    # so far; without include_usage it changes nothing, as in vLLM.
+    kwargs = dict(model="demo", messages=MESSAGES, max_tokens=20, temperature=0, stream=True,
+                  extra_body={"ignore_eos": True})
+    chunks = list(client.chat.completions.create(
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, **kwargs))
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert content and all(c.usage is not None for c in content)
+    prompt = chunks[-1].usage.prompt_tokens
+    assert prompt > 0 and {c.usage.prompt_tokens for c in content} == {prompt}
+    done = [c.usage.completion_tokens for c in content]
+    assert done == sorted(done) and 1 <= done[0] and done[-1] <= 20
+    assert all(c.usage.total_tokens == prompt + c.usage.completion_tokens for c in content)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    plain = list(client.chat.completions.create(
+        stream_options={"include_usage": False, "continuous_usage_stats": True}, **kwargs))
+    assert all(c.usage is None for c in plain)
+
+
 def test_text_completion_streamed_and_not(client):
     out = client.completions.create(model="demo", prompt="def main():", max_tokens=10,
                                     temperature=0, extra_body={"ignore_eos": True})
