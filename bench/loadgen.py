@@ -1,9 +1,11 @@
-"""The load generator every benchmark uses: streaming clients at a fixed concurrency.
+"""The load generator every benchmark uses: streaming clients at a fixed concurrency or rate.
 
-A ``Workload`` (seeded, so both sides of a comparison send identical prompts) is driven
-closed-loop by ``run_load`` against a ``Target``: an OpenAI-compatible HTTP endpoint
-(``HttpTarget``) or an engine, in this process or a child one (``EngineTarget``). The result
-gives output tokens/s, requests/s and TTFT, inter-token and end-to-end latency percentiles::
+A ``Workload`` (seeded, so both sides of a comparison send identical prompts; more kinds
+in ``mlx_serving.bench.workloads``) is driven by ``run_load`` against a ``Target``: an
+OpenAI-compatible HTTP endpoint (``HttpTarget``) or an engine, in this process or a child
+one (``EngineTarget``), closed-loop at a fixed concurrency or open-loop at a fixed request
+rate. The result gives output tokens/s, requests/s and TTFT, inter-token and end-to-end
+latency percentiles::
 
     python -m mlx_serving.bench.loadgen --url http://127.0.0.1:8000 --model demo \\
         --concurrency 1 8 32 --requests 64 --prompt-tokens 128 --max-tokens 128
@@ -36,13 +38,29 @@ still own see men work long here get both between life being under never day sam
 while last might great old year off come since against go came right used take three""".split()
 
 
+def random_text(rng: random.Random, words: int) -> str:
+    """``words`` common English words (about as many tokens in a BPE vocabulary)."""
+    return " ".join(rng.choices(_WORDS, k=max(words, 0)))
+
+
 @dataclass(frozen=True)
 class RequestSpec:
-    """One request of a workload."""
+    """One request of a workload: the user's ``prompt`` after the earlier turns in
+    ``history`` (``(role, content)`` pairs, oldest first), asking for ``max_tokens``."""
 
     prompt: str
     max_tokens: int
     chat: bool
+    history: tuple[tuple[str, str], ...] = ()
+
+    def messages(self) -> list[dict[str, str]]:
+        """The chat messages: the history, then the prompt as the user's turn."""
+        return [{"role": r, "content": c} for r, c in self.history] + \
+            [{"role": "user", "content": self.prompt}]
+
+    def text(self) -> str:
+        """The plain-completion prompt: the history's contents, then the prompt."""
+        return "\n\n".join([c for _, c in self.history] + [self.prompt])
 
 
 @dataclass(frozen=True)
@@ -51,7 +69,10 @@ class Workload:
 
     Prompts are ``prompt_tokens`` words (roughly as many tokens) drawn from a fixed list by
     a ``seed``-ed RNG, each led by its index so no two are alike. Every request asks for
-    exactly ``max_tokens`` tokens (EOS ignored), through chat or plain completions.
+    exactly ``max_tokens`` tokens (EOS ignored), through chat or plain completions; with a
+    ``max_tokens_spread`` s > 0, each asks for a seeded draw from ``max_tokens`` x [1 - s,
+    1 + s] instead (same mean), so that concurrent sequences do not all end on the same
+    step. Warm-up requests ask for ``warmup_max_tokens`` tokens where that is set.
     """
 
     requests: int = 64
@@ -60,21 +81,52 @@ class Workload:
     chat: bool = True
     warmup: int = 2
     seed: int = 0
+    warmup_max_tokens: int | None = None
+    max_tokens_spread: float = 0.0
 
     def specs(self) -> tuple[list[RequestSpec], list[RequestSpec]]:
         """The warm-up requests and the measured ones (same workload: same prompts)."""
         rng = random.Random(self.seed)
-        specs = [RequestSpec(f"{i} " + " ".join(rng.choices(_WORDS, k=max(self.prompt_tokens - 1, 0))),
-                             self.max_tokens, self.chat)
+        lengths = random.Random(self.seed + 1)
+        low = max(1, round(self.max_tokens * (1 - self.max_tokens_spread)))
+        high = max(low, round(self.max_tokens * (1 + self.max_tokens_spread)))
+        specs = [RequestSpec(f"{i} " + random_text(rng, self.prompt_tokens - 1),
+                             lengths.randint(low, high), self.chat)
                  for i in range(self.warmup + self.requests)]
-        return specs[:self.warmup], specs[self.warmup:]
+        return shorten(specs[:self.warmup], self.warmup_max_tokens), specs[self.warmup:]
+
+
+def shorten(specs: list[RequestSpec], max_tokens: int | None) -> list[RequestSpec]:
+    """``specs`` asking for at most ``max_tokens`` tokens each (unchanged if None)."""
+    if max_tokens is None:
+        return specs
+    return [replace(s, max_tokens=min(s.max_tokens, max_tokens)) for s in specs]
+
+
+class WorkloadLike(Protocol):
+    """What ``run_load`` and ``sweep`` need of a workload: seeded specs (a dataclass with a
+    ``seed`` field, so ``sweep`` can give each level its own prompts)."""
+
+    seed: int
+
+    def specs(self) -> tuple[list[RequestSpec], list[RequestSpec]]: ...
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A response's token counts as the server reported them (its final usage)."""
+
+    prompt_tokens: int | None
+    completion_tokens: int
 
 
 class Target(Protocol):
     """Something to load: ``stream`` yields the number of new tokens in each chunk as it
-    arrives and raises on failure (``RequestError`` where the target can name the kind)."""
+    arrives, optionally a final ``Usage`` (whose completion count then wins where it is
+    larger: servers coalesce tokens into chunks), and raises on failure (``RequestError``
+    where the target can name the kind)."""
 
-    def stream(self, spec: RequestSpec) -> AsyncIterator[int]: ...
+    def stream(self, spec: RequestSpec) -> AsyncIterator[int | Usage]: ...
 
 
 class RequestError(Exception):
@@ -89,12 +141,16 @@ class HttpTarget:
     """An OpenAI-compatible server, streamed over one keep-alive ``httpx.AsyncClient``.
 
     Use it within one event loop and close it with ``aclose`` (or ``async with``).
-    ``max_connections`` should be at least the highest concurrency it is run at.
+    ``max_connections`` should be at least the highest concurrency it is run at. Every
+    body asks for greedy decoding and ``ignore_eos``; ``extra_body`` is merged into it
+    (e.g. a ``logit_bias`` against EOS for servers that ignore ``ignore_eos``).
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
-                 max_connections: int = 256, timeout_s: float = 600.0):
+                 max_connections: int = 256, timeout_s: float = 600.0,
+                 extra_body: dict | None = None):
         self.model = model
+        self.extra_body = dict(extra_body or {})
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
@@ -111,17 +167,18 @@ class HttpTarget:
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
 
-    async def stream(self, spec: RequestSpec) -> AsyncIterator[int]:
-        """Yields 1 per content chunk, then, when the final usage says the chunks held more
-        tokens (servers coalesce), the remainder: only the total and the times of the first
-        and last chunk are used, so how tokens spread over chunks does not matter."""
+    async def stream(self, spec: RequestSpec) -> AsyncIterator[int | Usage]:
+        """Yields 1 per content chunk, then the final ``Usage`` when the server sent one:
+        only the total and the times of the first and last chunk are used, so how tokens
+        spread over chunks does not matter."""
         body = {"model": self.model, "max_tokens": spec.max_tokens, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+                "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+                **self.extra_body}
         if spec.chat:
-            path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": spec.prompt}]
+            path, body["messages"] = "/v1/chat/completions", spec.messages()
         else:
-            path, body["prompt"] = "/v1/completions", spec.prompt
-        chunks, usage_tokens, done = 0, None, False
+            path, body["prompt"] = "/v1/completions", spec.text()
+        usage, done = None, False
         async with self._client.stream("POST", path, json=body) as response:
             if not response.is_success:
                 await response.aread()
@@ -139,24 +196,23 @@ class HttpTarget:
                     code = (error.get("code") or error.get("type")) if isinstance(error, dict) else None
                     raise RequestError(f"sse_error_{code or 'unknown'}", str(error)[:200])
                 if event.get("usage"):
-                    usage_tokens = event["usage"]["completion_tokens"]
+                    usage = Usage(event["usage"].get("prompt_tokens"),
+                                  event["usage"]["completion_tokens"])
                 if any((c.get("delta") or {}).get("content") or c.get("text")
                        for c in event.get("choices") or ()):
-                    chunks += 1
                     yield 1
         if not done:
             raise RequestError("incomplete_stream")
-        if usage_tokens is not None and usage_tokens > chunks:
-            yield usage_tokens - chunks
+        if usage is not None:
+            yield usage
 
 
 def generation_request(spec: RequestSpec, model: str | None = None) -> GenerationRequest:
     """The engine request for ``spec``: greedy, exactly ``max_tokens`` tokens (EOS ignored)."""
     params = SamplingParams(max_tokens=spec.max_tokens, temperature=0, ignore_eos=True)
     if spec.chat:
-        return GenerationRequest(model=model, params=params,
-                                 messages=[{"role": "user", "content": spec.prompt}])
-    return GenerationRequest(model=model, params=params, prompt=spec.prompt)
+        return GenerationRequest(model=model, params=params, messages=spec.messages())
+    return GenerationRequest(model=model, params=params, prompt=spec.text())
 
 
 class EngineTarget:
@@ -177,20 +233,29 @@ class EngineTarget:
 
 @dataclass
 class _Record:
-    """Timings (``time.perf_counter`` seconds) and token count of one request."""
+    """Timings (``time.perf_counter`` seconds) and token counts of one request."""
 
     start: float
+    asked: int = 0  # max_tokens of the request
     first: float | None = None
     last: float | None = None
     end: float | None = None
     tokens: int = 0
+    prompt_tokens: int | None = None
     error: str | None = None
 
 
-async def _measure(target: Target, spec: RequestSpec) -> _Record:
-    record = _Record(start=time.perf_counter())
+Done = Callable[[_Record], None]  # told of each request as it ends
+
+
+async def _measure(target: Target, spec: RequestSpec, done: Done | None = None) -> _Record:
+    record = _Record(start=time.perf_counter(), asked=spec.max_tokens)
     try:
         async for n in target.stream(spec):
+            if isinstance(n, Usage):
+                record.prompt_tokens = n.prompt_tokens
+                record.tokens = max(record.tokens, n.completion_tokens)
+                continue
             record.last = time.perf_counter()
             if record.first is None:
                 record.first = record.last
@@ -200,17 +265,49 @@ async def _measure(target: Target, spec: RequestSpec) -> _Record:
     except Exception as exc:  # a failed request is a data point, never the end of the run
         record.error = exc.kind if isinstance(exc, RequestError) else type(exc).__name__
     record.end = time.perf_counter()
+    if done:
+        done(record)
     return record
 
 
-async def _closed_loop(target: Target, specs: list[RequestSpec], concurrency: int) -> list[_Record]:
+async def _closed_loop(target: Target, specs: list[RequestSpec], concurrency: int,
+                       done: Done | None = None) -> list[_Record]:
     pending = iter(specs)  # shared by the workers; next() never awaits, so no lock is needed
 
     async def worker() -> list[_Record]:
-        return [await _measure(target, spec) for spec in pending]
+        return [await _measure(target, spec, done) for spec in pending]
 
     per_worker = await asyncio.gather(*(worker() for _ in range(concurrency)))
     return [r for records in per_worker for r in records]
+
+
+def arrival_times(n: int, rate: float, seed: int) -> list[float]:
+    """Send times (s from the start) of ``n`` requests arriving as a Poisson process of
+    ``rate`` requests/s (exponential gaps, seeded; the first at 0), as ``vllm bench serve``
+    does with ``--request-rate``."""
+    rng = random.Random(seed)
+    times, t = [], 0.0
+    for i in range(n):
+        if i:
+            t += rng.expovariate(rate)
+        times.append(t)
+    return times
+
+
+async def _open_loop(target: Target, specs: list[RequestSpec], rate: float, max_concurrency: int,
+                     seed: int, done: Done | None = None) -> list[_Record]:
+    """Each request sent at its Poisson arrival time, at most ``max_concurrency`` in flight
+    (a request waiting for a slot is timed from its send, not from its arrival)."""
+    slots = asyncio.Semaphore(max_concurrency)
+    start = time.perf_counter()
+
+    async def one(spec: RequestSpec, at: float) -> _Record:
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        async with slots:
+            return await _measure(target, spec, done)
+
+    return list(await asyncio.gather(*(one(s, t) for s, t in
+                                       zip(specs, arrival_times(len(specs), rate, seed)))))
 
 
 def _stats_ms(seconds: list[float], keys: tuple[str, ...]) -> dict[str, float | None]:
@@ -228,7 +325,11 @@ class LoadResult:
 
     TTFT runs from sending a request to its first content chunk; a request's inter-token
     latency is (last chunk - first chunk) / (tokens - 1), so the ``itl_ms`` percentiles are
-    over per-request means (chunks may carry several tokens, hiding the gaps within them).
+    over per-request means (chunks may carry several tokens, hiding the gaps within them;
+    ``vllm bench serve`` calls this TPOT). ``rate`` is the offered request rate of an
+    open-loop level (None: closed loop). ``requests_short`` counts successful responses
+    with fewer tokens than asked (an EOS the server did not ignore): a fair comparison
+    has none. ``input_tokens`` totals the prompt tokens servers reported (None if none did).
     """
 
     concurrency: int
@@ -243,11 +344,16 @@ class LoadResult:
     itl_ms: dict[str, float | None]
     e2e_ms: dict[str, float | None]
     counters: dict[str, float] | None = None  # the probe's change over the measured part
+    rate: float | None = None
+    requests_short: int = 0
+    input_tokens: int | None = None
 
     @classmethod
-    def from_records(cls, concurrency: int, records: list[_Record], duration_s: float) -> LoadResult:
+    def from_records(cls, concurrency: int, records: list[_Record], duration_s: float,
+                     rate: float | None = None) -> LoadResult:
         ok = [r for r in records if r.error is None]
         tokens = sum(r.tokens for r in ok)
+        prompts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
         return cls(
             concurrency=concurrency, requests_ok=len(ok), requests_failed=len(records) - len(ok),
             errors=dict(Counter(r.error for r in records if r.error is not None)),
@@ -256,7 +362,9 @@ class LoadResult:
             ttft_ms=_stats_ms([r.first - r.start for r in ok], ("p50", "p90", "p99", "mean")),
             itl_ms=_stats_ms([(r.last - r.first) / (r.tokens - 1) for r in ok if r.tokens > 1],
                              ("p50", "p99", "mean")),
-            e2e_ms=_stats_ms([r.end - r.start for r in ok], ("p50", "p90", "p99")))
+            e2e_ms=_stats_ms([r.end - r.start for r in ok], ("p50", "p90", "p99")),
+            rate=rate, requests_short=sum(r.tokens < r.asked for r in ok),
+            input_tokens=sum(prompts) if prompts else None)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -265,28 +373,37 @@ class LoadResult:
 Probe = Callable[[], Awaitable[dict[str, float]]]
 
 
-async def run_load(target: Target, workload: Workload, concurrency: int,
-                   probe: Probe | None = None) -> LoadResult:
+async def run_load(target: Target, workload: WorkloadLike, concurrency: int,
+                   probe: Probe | None = None, *, rate: float | None = None,
+                   on_done: Callable[[bool], None] | None = None) -> LoadResult:
     """Run the workload closed-loop: ``concurrency`` workers each send their next request
-    as soon as their last one ends. Warm-up requests go first, at the same concurrency,
+    as soon as their last one ends; or, with ``rate``, open-loop: requests arrive as a
+    Poisson process of ``rate`` per second (seeded by the workload), at most
+    ``concurrency`` in flight. Warm-up requests go first, closed-loop at ``concurrency``,
     and are left out of the result.
 
     ``probe`` reads counters of the system under load (engine steps, tokens, ...); it is
     read before and after the measured requests and the result keeps the differences.
+    ``on_done`` is called as each measured request ends, with whether it succeeded
+    (a progress bar).
     """
     warmup, measured = workload.specs()
     await _closed_loop(target, warmup, concurrency)
+    done = (lambda r: on_done(r.error is None)) if on_done else None
     before = await probe() if probe else None
     start = time.perf_counter()
-    records = await _closed_loop(target, measured, concurrency)
-    result = LoadResult.from_records(concurrency, records, time.perf_counter() - start)
+    if rate is None:
+        records = await _closed_loop(target, measured, concurrency, done)
+    else:
+        records = await _open_loop(target, measured, rate, concurrency, workload.seed, done)
+    result = LoadResult.from_records(concurrency, records, time.perf_counter() - start, rate)
     if probe:
         after = await probe()
         result.counters = {k: after[k] - before[k] for k in after}
     return result
 
 
-async def sweep(target: Target, workload: Workload, concurrencies: list[int]) -> list[LoadResult]:
+async def sweep(target: Target, workload: WorkloadLike, concurrencies: list[int]) -> list[LoadResult]:
     """``run_load`` at each concurrency in turn. Level i uses seed ``workload.seed + i``, so
     a prefix cache never serves one level's prompts from an earlier level."""
     return [await run_load(target, replace(workload, seed=workload.seed + i), c)
@@ -298,12 +415,13 @@ def format_table(results: list[LoadResult]) -> str:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:,.1f}"
 
-    lines = ["| concurrency | ok | failed | output tok/s | req/s | TTFT p50 / p90 / p99 ms "
+    lines = ["| concurrency | ok | failed | short | output tok/s | req/s | TTFT p50 / p90 / p99 ms "
              "| ITL p50 / p99 ms | E2E p50 / p99 ms |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         t, i, e = r.ttft_ms, r.itl_ms, r.e2e_ms
-        lines.append(f"| {r.concurrency} | {r.requests_ok} | {r.requests_failed} "
+        level = f"{r.concurrency}" if r.rate is None else f"{r.concurrency} @ {r.rate:g} req/s"
+        lines.append(f"| {level} | {r.requests_ok} | {r.requests_failed} | {r.requests_short} "
                      f"| {r.output_tok_s:,.1f} | {r.requests_s:,.2f} "
                      f"| {ms(t['p50'])} / {ms(t['p90'])} / {ms(t['p99'])} "
                      f"| {ms(i['p50'])} / {ms(i['p99'])} | {ms(e['p50'])} / {ms(e['p99'])} |")

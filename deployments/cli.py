@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mlx_serving.deployments.canary_cli import add_parsers
     add_parsers(sub)
+    from mlx_serving.bench.llm_args import add_parsers as add_bench_parsers
+    add_bench_parsers(sub)
     return parser
 
 

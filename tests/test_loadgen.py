@@ -234,3 +234,16 @@ def test_compare_drives_every_path_at_every_level_and_reports_against_the_first(
     table = report(runs, {"a": "first", "b": "second"}).splitlines()
     assert len(table) == 2 + 4 and "÷ first" in table[0]
     assert all(line.split(" | ")[3] == "1.000" for line in table[2:] if " first " in line)
+
+
+def test_max_tokens_spread_varies_lengths_not_prompts():
+    fixed = Workload(requests=200, warmup=0, max_tokens=100, seed=3)
+    spread = Workload(requests=200, warmup=0, max_tokens=100, seed=3, max_tokens_spread=0.5)
+    _, a = fixed.specs()
+    _, b = spread.specs()
+    assert [s.text() for s in a] == [s.text() for s in b]  # the same prompts on both
+    lengths = [s.max_tokens for s in b]
+    assert all(50 <= n <= 150 for n in lengths)
+    assert len(set(lengths)) > 20 and 90 <= sum(lengths) / len(lengths) <= 110
+    assert lengths == [s.max_tokens for s in spread.specs()[1]]  # seeded: every path alike
+    assert {s.max_tokens for s in a} == {100}

@@ -1,0 +1,232 @@
+"""The servers a benchmark compares, each started on the same model on loopback.
+
+- ``ours``: this project's application (``cluster.yaml``'s stable variant serving the
+  model) under ``serve run``, with its shipped defaults unless overridden;
+- ``mlx_lm``: ``python -m mlx_lm server``, mlx-lm's own OpenAI-compatible server;
+- any other running endpoint, given by URL (``Endpoint`` directly).
+
+Both started servers get the same environment: offline hub and, on the Linux CPU
+backend, OpenBLAS preloaded (``mlx_serving.engine.blas``), as the replicas get it.
+``max_batch_size`` sets both batch sizes alike: our engine's ``max_batch_size`` and
+mlx_lm.server's ``--decode-concurrency`` (their defaults are both 32, with prompt batches
+of 8: ``prefill_batch_size`` and ``--prompt-concurrency``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import yaml
+
+from mlx_serving.engine.blas import preload_env
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER_NAMES = {"ours": "mlx-serving", "mlx_lm": "mlx_lm.server"}
+
+
+@dataclass
+class Endpoint:
+    """An OpenAI-compatible endpoint to load: where it is, the model name to ask for, and
+    fields to add to every request body."""
+
+    name: str
+    url: str
+    model: str
+    extra_body: dict = field(default_factory=dict)
+    command: str = ""  # how it was started, for the record
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the started servers are configured (the same model and batch size for all).
+
+    ``replicas`` and ``gpus_per_replica`` apply to ours (LLMServer replicas, each with
+    that many GPUs in ``ray_actor_options``); ``engine`` overrides our engine settings
+    and ``mlx_lm_args`` are extra command-line arguments for mlx_lm.server.
+    """
+
+    model_path: str
+    max_batch_size: int | None = None
+    replicas: int = 1
+    gpus_per_replica: float | None = None
+    engine: dict = field(default_factory=dict)
+    mlx_lm_args: tuple[str, ...] = ()
+    startup_timeout_s: float = 600.0
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (loopback)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_env() -> dict[str, str]:
+    """The environment of a started server: this one, offline, OpenBLAS preloaded."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", **preload_env()}
+
+
+def our_config(options: ServerOptions) -> dict:
+    """cluster.yaml serving ``options.model_path`` as model "bench" with its shipped
+    engine defaults (prompt cache included), ``options`` applied."""
+    from mlx_serving.bench.serve import stable_config
+
+    shipped = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    shipped_engine = shipped["applications"][0]["args"]["variants"]["stable"]["engine"]
+    engine = {"prompt_cache_bytes": shipped_engine.get("prompt_cache_bytes", 0), **options.engine}
+    config = stable_config(options.model_path, options.max_batch_size, {}, engine)
+    deployment = config["applications"][0]["args"]["variants"]["stable"]["deployment"]
+    if options.replicas != 1:
+        deployment.pop("max_replicas_per_node", None)  # several replicas on one host
+        deployment.pop("autoscaling_config", None)
+        deployment["num_replicas"] = options.replicas
+    if options.gpus_per_replica:
+        deployment.setdefault("ray_actor_options", {})["num_gpus"] = options.gpus_per_replica
+    return config
+
+
+@contextmanager
+def serve_run(config: dict, port: int, log: Path, timeout_s: float) -> Iterator[str]:
+    """``config`` under ``serve run`` (its own local Ray) with its output in ``log``;
+    yields the URL once ``/ready`` answers, stops it (SIGTERM, then SIGKILL) after."""
+    config["http_options"]["port"] = port
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(config, f)
+    env = {**os.environ, "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1"}
+    cli = [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]  # no PATH needed
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*cli, "run", f.name], env=env, cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"serve run not ready (exit {proc.returncode}); "
+                                   f"the end of {log}:\n{tail}")
+            time.sleep(1)
+        yield url
+    finally:
+        _stop(proc, timeout_s=120)
+        os.unlink(f.name)
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM ``proc``, then SIGKILL its whole session if it has not exited in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+@contextmanager
+def start_ours(options: ServerOptions, port: int | None = None, attempts: int = 3,
+               log_dir: Path | None = None) -> Iterator[Endpoint]:
+    """Our application under ``serve run`` until the block ends; its output goes to
+    ``log_dir/serve-run.log`` (a temporary folder by default). A start that fails (seen
+    on a machine where other jobs start and stop Ray clusters meanwhile) is tried again,
+    up to ``attempts`` times in all."""
+    config = our_config(options)  # replicas get OpenBLAS through the app's runtime_env
+    log = Path(log_dir or tempfile.mkdtemp(prefix="bench-serve-")) / "serve-run.log"
+    with ExitStack() as stack:
+        for attempt in range(1, attempts + 1):
+            try:
+                url = stack.enter_context(serve_run(config, port or free_port(), log,
+                                                    options.startup_timeout_s))
+                break
+            except RuntimeError as exc:
+                if attempt == attempts:
+                    raise
+                print(f"{exc}\nstarting again ({attempt}/{attempts})", file=sys.stderr)
+        yield Endpoint(SERVER_NAMES["ours"], url, "bench",
+                       command="serve run <cluster.yaml, stable variant: "
+                               + json.dumps(config["applications"][0]["args"]["variants"]["stable"],
+                                            sort_keys=True) + ">")
+
+
+def mlx_lm_command(options: ServerOptions, port: int) -> list[str]:
+    """The mlx_lm.server command line for ``options``."""
+    cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(Path(options.model_path).resolve()),
+           "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"]
+    if options.max_batch_size:
+        cmd += ["--decode-concurrency", str(options.max_batch_size)]
+    return cmd + list(options.mlx_lm_args)
+
+
+@contextmanager
+def start_mlx_lm(options: ServerOptions, port: int | None = None,
+                 log_dir: Path | None = None) -> Iterator[Endpoint]:
+    """mlx_lm.server in a child process until the block ends, its output in
+    ``log_dir/mlx_lm-server.log`` (discarded without ``log_dir``); ready once its model
+    answers a one-token completion."""
+    port = port or free_port()
+    cmd = mlx_lm_command(options, port)
+    with open(Path(log_dir) / "mlx_lm-server.log" if log_dir else os.devnull, "w") as out:
+        proc = subprocess.Popen(cmd, env=server_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, "default_model", proc, options.startup_timeout_s)
+        yield Endpoint(SERVER_NAMES["mlx_lm"], url, "default_model",
+                       command=" ".join(["python"] + cmd[1:]))
+    finally:
+        _stop(proc, timeout_s=60)
+
+
+def wait_ready(url: str, model: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Until ``url`` completes a one-token request for ``model``; raises if ``proc`` exits
+    first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            r = httpx.post(f"{url}/v1/completions", timeout=60,
+                           json={"model": model, "prompt": "hello", "max_tokens": 1})
+            if r.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server at {url} not ready after {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+STARTERS = {"ours": start_ours, "mlx_lm": start_mlx_lm}
+
+
+def eos_logit_bias(model_path: str) -> dict[str, float]:
+    """A ``logit_bias`` that keeps a model's EOS tokens from being sampled (-100 each, the
+    OpenAI minimum), for servers without ``ignore_eos``; from ``config.json`` and
+    ``generation_config.json``."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        path = Path(model_path) / name
+        if path.exists():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            ids.update([eos] if isinstance(eos, int) else eos or [])
+    return {str(i): -100.0 for i in sorted(ids)}

@@ -1,0 +1,230 @@
+"""``mlx-serving bench llm`` and its parts: workloads, open-loop load, reports, and a real
+``mlx_lm.server`` on the tiny model driven end to end (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from mlx_serving.bench.crosscheck import load_result, scenario
+from mlx_serving.bench.llm import main as bench_main
+from mlx_serving.bench.loadgen import (LoadResult, RequestSpec, Usage, Workload, arrival_times,
+                                       run_load)
+from mlx_serving.bench.report import median_run, ratio_table
+from mlx_serving.bench.servers import (ServerOptions, eos_logit_bias, mlx_lm_command, our_config,
+                                       start_mlx_lm)
+from mlx_serving.bench.workloads import (SHAREGPT_INPUT_MEAN, SHAREGPT_OUTPUT_MEAN,
+                                         SharedPrefixChat, ShareGPTLike)
+from mlx_serving.deployments.cli import build_parser
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_sharegpt_lengths_follow_the_published_means_and_bounds():
+    warmup, measured = ShareGPTLike(requests=4000, warmup=3, seed=7, warmup_max_tokens=8).specs()
+    again = ShareGPTLike(requests=4000, warmup=3, seed=7, warmup_max_tokens=8).specs()[1]
+    assert measured == again and ShareGPTLike(requests=4000, seed=8).specs()[1] != measured
+
+    ins = [len(s.prompt.split()) for s in measured]
+    outs = [s.max_tokens for s in measured]
+    assert min(ins) >= 4 and max(ins) <= 1024 and min(outs) >= 4 and max(outs) <= 1024
+    # Clipping at 1024 trims the tail a little: the means stay within 10% of ShareGPT's.
+    assert statistics.mean(ins) == pytest.approx(SHAREGPT_INPUT_MEAN, rel=0.1)
+    assert statistics.mean(outs) == pytest.approx(SHAREGPT_OUTPUT_MEAN, rel=0.1)
+    assert statistics.median(outs) < statistics.mean(outs)  # right-skewed, as ShareGPT is
+    assert len(warmup) == 3 and all(s.max_tokens <= 8 for s in warmup)
+
+    scaled = ShareGPTLike(requests=4000, seed=7, scale=0.25).specs()[1]
+    assert statistics.mean(s.max_tokens for s in scaled) == pytest.approx(SHAREGPT_OUTPUT_MEAN / 4,
+                                                                         rel=0.1)
+
+
+def test_shared_prefix_turns_extend_the_same_conversation():
+    workload = SharedPrefixChat(requests=10, warmup=2, system_tokens=20, turn_tokens=5,
+                                max_tokens=6, turns=3)
+    warmup, measured = workload.specs()
+    specs = warmup + measured
+    assert len(specs) == 12 and len(measured) == 10
+    system = specs[0].history[0]
+    assert system[0] == "system" and len(system[1].split()) == 20
+    assert all(s.history[0] == system for s in specs)  # one prefix shared by every request
+
+    by_turn = {}  # conversation id -> its specs in turn order
+    for s in specs:
+        by_turn.setdefault(s.prompt.split()[0].split(".")[0], []).append(s)
+    for turns in by_turn.values():
+        for t, s in enumerate(turns):
+            assert len(s.history) == 1 + 2 * t
+            if t:
+                before = turns[t - 1]
+                assert s.history[:len(before.history)] == before.history
+                assert s.history[len(before.history)] == ("user", before.prompt)
+                assert s.history[-1][0] == "assistant" and len(s.history[-1][1].split()) == 6
+    messages = specs[-1].messages()
+    assert messages[0]["role"] == "system" and messages[-1] == {"role": "user",
+                                                                 "content": specs[-1].prompt}
+    assert specs[-1].text().endswith(specs[-1].prompt) and system[1] in specs[-1].text()
+
+
+class CountingTarget:
+    """A target that streams ``max_tokens`` single-token chunks, then a Usage, and records
+    the most requests it ever had in flight; ``gate`` holds every request until set."""
+
+    def __init__(self):
+        self.in_flight = self.most = self.served = 0
+        self.gate = asyncio.Event()
+
+    async def stream(self, spec: RequestSpec):
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await self.gate.wait()
+            for _ in range(spec.max_tokens):
+                await asyncio.sleep(0)
+                yield 1
+            yield Usage(prompt_tokens=len(spec.prompt.split()), completion_tokens=spec.max_tokens)
+        finally:
+            self.in_flight -= 1
+            self.served += 1
+
+
+def test_open_loop_sends_every_request_and_caps_requests_in_flight():
+    target = CountingTarget()
+    workload = Workload(requests=12, warmup=0, prompt_tokens=8, max_tokens=5)
+    ended = []
+
+    async def go():
+        load = asyncio.create_task(run_load(target, workload, concurrency=3, rate=1e6,
+                                            on_done=ended.append))
+        while target.in_flight < 3 and not load.done():  # every slot taken, the gate shut
+            await asyncio.sleep(0)
+        for _ in range(100):  # the other arrivals queue up behind the cap meanwhile
+            await asyncio.sleep(0)
+        target.gate.set()
+        return await load
+
+    result = asyncio.run(go())
+    assert target.most == 3  # the cap, never more
+    assert (result.requests_ok, result.requests_failed, result.rate) == (12, 0, 1e6)
+    assert result.output_tokens == 12 * 5 and result.requests_short == 0
+    assert result.input_tokens == 12 * 8
+    assert ended == [True] * 12
+
+
+def test_poisson_arrivals_are_seeded_with_the_asked_mean_gap():
+    times = arrival_times(5000, rate=4.0, seed=3)
+    assert times == arrival_times(5000, rate=4.0, seed=3) and times[0] == 0.0
+    assert all(b >= a for a, b in zip(times, times[1:]))
+    assert times[-1] / (len(times) - 1) == pytest.approx(0.25, rel=0.05)
+
+
+def result(concurrency: int, tok_s: float, **kw) -> LoadResult:
+    ms = {"p50": 10.0, "p90": 20.0, "p99": 30.0, "mean": 12.0}
+    return LoadResult(concurrency=concurrency, requests_ok=4, requests_failed=0, errors={},
+                      duration_s=1.0, output_tokens=int(tok_s), output_tok_s=tok_s, requests_s=4.0,
+                      ttft_ms=ms, itl_ms={"p50": 1.0, "p99": 2.0, "mean": 1.1},
+                      e2e_ms={"p50": 100.0, "p90": 150.0, "p99": 200.0}, **kw)
+
+
+def test_ratio_table_divides_median_runs_by_the_baseline():
+    assert median_run([result(1, 30.0), result(1, 10.0), result(1, 20.0)]).output_tok_s == 20.0
+    runs = {"base": [[result(1, 10.0)], [result(8, 40.0)]],
+            "ours": [[result(1, 15.0), result(1, 25.0), result(1, 20.0)], [result(8, 20.0)]]}
+    lines = ratio_table(runs, "base").splitlines()
+    assert "÷ base" in lines[0] and len(lines) == 2 + 4
+    ours_1 = next(line for line in lines if line.startswith("| 1 | ours"))
+    assert "| 20.0 (15.0–25.0) | 2.00 |" in ours_1
+    assert "| 0.50 |" in next(line for line in lines if line.startswith("| 8 | ours"))
+
+
+def test_guidellm_report_is_read_as_a_load_result():
+    def dist(values):
+        return {"count": len(values), "mean": statistics.mean(values),
+                "percentiles": {"p50": statistics.median(values), "p90": max(values),
+                                "p99": max(values)}}
+
+    report = {"benchmarks": [{"duration": 2.0, "metrics": {
+        "request_totals": {"successful": 4, "errored": 1, "incomplete": 0, "total": 5},
+        "output_token_count": {"successful": {"total_sum": 64}},
+        "prompt_token_count": {"successful": {"total_sum": 512}},
+        "time_to_first_token_ms": {"successful": dist([10, 20, 30, 40])},
+        "inter_token_latency_ms": {"successful": dist([1, 2, 3])},
+        "request_latency": {"successful": dist([0.1, 0.2, 0.3, 0.4])}}}]}
+    r = load_result(report, concurrency=4)
+    assert (r.requests_ok, r.requests_failed, r.output_tok_s, r.requests_s) == (4, 1, 32.0, 2.0)
+    assert r.ttft_ms["p50"] == 25 and r.e2e_ms["p99"] == 400 and r.input_tokens == 512
+    assert r.errors == {"guidellm_errored": 1}
+
+    spec = scenario("http://h:1", "m", "/tok", concurrency=4, requests=8, warmup=4,
+                    prompt_tokens=128, output_tokens=64)["spec"]
+    assert spec["profile"]["streams"] == [4] and spec["constraints"][0]["count"] == 12
+    assert spec["data"][0] == {"kind": "synthetic_text", "prompt_tokens": 128, "output_tokens": 64}
+
+
+def test_server_configs_share_the_batch_size(tiny_model_path):
+    options = ServerOptions(str(tiny_model_path), max_batch_size=64, replicas=2,
+                            gpus_per_replica=1, mlx_lm_args=("--prompt-concurrency", "16"))
+    variant = our_config(options)["applications"][0]["args"]["variants"]["stable"]
+    assert variant["engine"]["max_batch_size"] == 64
+    assert variant["engine"]["prompt_cache_bytes"] > 0  # the shipped default, as mlx_lm's
+    assert variant["deployment"]["num_replicas"] == 2
+    assert variant["deployment"]["ray_actor_options"]["num_gpus"] == 1
+    assert "autoscaling_config" not in variant["deployment"]
+    cmd = mlx_lm_command(options, 1234)
+    assert cmd[cmd.index("--decode-concurrency") + 1] == "64" and cmd[-2:] == ["--prompt-concurrency", "16"]
+    assert eos_logit_bias(str(tiny_model_path)) == {"0": -100.0, "2": -100.0}
+
+
+def test_cli_dispatches_bench_llm():
+    args = build_parser().parse_args(["bench", "llm", "--url", "http://x", "--model", "m",
+                                      "--rate", "1", "2", "--workload", "sharegpt"])
+    assert args.func.__module__ == "mlx_serving.bench.llm_args"
+    assert (args.rate, args.workload, args.concurrency) == ([1.0, 2.0], "sharegpt", [1, 8, 32])
+
+
+@pytest.fixture(scope="module")
+def mlx_lm_server(tiny_model_path):
+    with start_mlx_lm(ServerOptions(str(tiny_model_path), startup_timeout_s=120)) as endpoint:
+        yield endpoint
+
+
+def test_bench_llm_against_mlx_lm_server(mlx_lm_server, tiny_model_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = bench_main(["--url", mlx_lm_server.url, "--model", mlx_lm_server.model, "--label", "lm",
+                       "--model-path", str(tiny_model_path), "--eos-logit-bias", "lm",
+                       "--concurrency", "1", "3", "--requests", "6", "--input-tokens", "16",
+                       "--output-tokens", "12", "--out", str(out), "--no-progress"])
+    assert code == 0
+    report = capsys.readouterr().out
+    assert "| 1 | lm |" in report and "| 3 | lm |" in report
+
+    saved = json.loads((out / "results.json").read_text())
+    entry = saved["servers"]["lm"]
+    assert entry["extra_body"] == {"logit_bias": {"0": -100.0, "2": -100.0}}
+    levels = entry["runs"][0]
+    assert [lv["concurrency"] for lv in levels] == [1, 3]
+    for lv in levels:  # EOS kept out: every response has exactly the tokens asked
+        assert (lv["requests_ok"], lv["requests_failed"], lv["requests_short"]) == (6, 0, 0)
+        assert lv["output_tokens"] == 6 * 12 and lv["input_tokens"] >= 6 * 16
+        assert lv["load_before"] is None or len(lv["load_before"]) == 3
+    assert [w["seed"] for w in saved["workloads"]] == [0, 1]
+    assert saved["environment"]["mlx-lm"] != "-"
+    for png in ("throughput.png", "ttft.png"):
+        assert (out / png).read_bytes().startswith(PNG_MAGIC)
+    assert "![throughput](throughput.png)" in (out / "report.md").read_text()
+
+
+def test_shared_prefix_chats_run_against_mlx_lm_server(mlx_lm_server, tmp_path):
+    code = bench_main(["--url", mlx_lm_server.url, "--model", mlx_lm_server.model,
+                       "--workload", "shared-prefix", "--prefix-tokens", "24", "--input-tokens", "6",
+                       "--output-tokens", "4", "--turns", "2", "--concurrency", "2",
+                       "--requests", "6", "--out", str(tmp_path), "--no-progress", "--no-plots"])
+    assert code == 0
+    level = json.loads((tmp_path / "results.json").read_text())["servers"][mlx_lm_server.url]["runs"][0][0]
+    assert (level["requests_ok"], level["requests_failed"]) == (6, 0)
+    assert level["input_tokens"] > 6 * 24  # every request carried the shared system prompt
+    assert not list(Path(tmp_path).glob("*.png"))
