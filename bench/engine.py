@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 from mlx_lm import load
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, generate_step
 
 from mlx_serving.engine import Engine, EngineConfig, GenerationRequest, ModelConfig, SamplingParams
 
@@ -35,6 +35,8 @@ class Result:
     engine_tok_s: float
     raw_runs: list[float]
     engine_runs: list[float]
+    # mlx-lm's single-sequence ``generate_step`` (one stream only): faster than a batch of one
+    generate_step_runs: list[float] | None = None
 
     @property
     def ratio(self) -> float:
@@ -61,6 +63,13 @@ def run_raw(model, prompts: list[list[int]], max_tokens: int, batch_size: int) -
     elapsed = time.perf_counter() - start
     gen.close()
     return tokens / elapsed
+
+
+def run_generate_step(model, prompt: list[int], max_tokens: int) -> float:
+    """Output tokens per second of mlx-lm's ``generate_step`` for one sequence."""
+    start = time.perf_counter()
+    tokens = sum(1 for _ in zip(range(max_tokens), generate_step(mx.array(prompt), model)))
+    return tokens / (time.perf_counter() - start)
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], max_tokens: int) -> float:
@@ -96,7 +105,7 @@ def bench(model_path: str, concurrencies: list[int], prompt_tokens: int, max_tok
         run_raw(model, warm, 8, batch_size)
         run_engine(engine, warm, 8)
         for n in concurrencies:
-            raw, eng = [], []
+            raw, eng, single = [], [], []
             # An untimed pass of each side at this batch size first: MLX compiles kernels
             # per shape on first use, and that must not land on whichever side runs first.
             level_warm = make_prompts(n, prompt_tokens, vocab, seed=1000 + n)
@@ -106,7 +115,10 @@ def bench(model_path: str, concurrencies: list[int], prompt_tokens: int, max_tok
                 prompts = make_prompts(n, prompt_tokens, vocab, seed=r)
                 raw.append(run_raw(model, prompts, max_tokens, batch_size))
                 eng.append(run_engine(engine, prompts, max_tokens))
-            results.append(Result(n, statistics.median(raw), statistics.median(eng), raw, eng))
+                if n == 1:
+                    single.append(run_generate_step(model, prompts[0], max_tokens))
+            results.append(Result(n, statistics.median(raw), statistics.median(eng), raw, eng,
+                                  single or None))
             print(f"concurrency {n:>3}: raw {results[-1].raw_tok_s:9.1f} tok/s   engine "
                   f"{results[-1].engine_tok_s:9.1f} tok/s   ratio {results[-1].ratio:.3f}",
                   file=sys.stderr)
@@ -140,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| concurrent | raw BatchGenerator tok/s (min–max) | engine tok/s (min–max) | engine ÷ raw |")
     print("|---|---|---|---|")
     for r in results:
+        if r.generate_step_runs:
+            runs = r.generate_step_runs
+            print(f"| 1 (raw generate_step) | {statistics.median(runs):,.0f} "
+                  f"({min(runs):,.0f}–{max(runs):,.0f}) | | |")
         print(f"| {r.concurrency} | {r.raw_tok_s:,.0f} ({min(r.raw_runs):,.0f}–{max(r.raw_runs):,.0f}) "
               f"| {r.engine_tok_s:,.0f} ({min(r.engine_runs):,.0f}–{max(r.engine_runs):,.0f}) "
               f"| {r.ratio:.3f} |")

@@ -8,6 +8,8 @@
 #         serve-SIZE                HTTP / Serve handle / engine in-process (bench.serve)
 #         serve-process-SIZE        the same with the replica's engine in a child process
 #         process-SIZE              engine in-process vs in a child process, no Ray
+#         llm-SIZE[-q4]             mlx-serving bench llm --compare: ours vs mlx_lm.server
+#                                   (bf16, or 4-bit with -q4), 1-128 streams
 #
 # Environment: PYTHON (default python3), MODELS (default /tmp/mlx-serving-models).
 set -euo pipefail
@@ -17,10 +19,10 @@ models=${MODELS:-/tmp/mlx-serving-models}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$out" "$models"
 
-model() {  # model SIZE -> path of a bf16 llama of that size, generated if missing
-  local path="$models/llama-$1-bfloat16"
+model() {  # model SIZE [BITS] -> path of a bf16 (or BITS-quantized) llama, generated if missing
+  local path="$models/llama-$1-bfloat16${2:+-q$2}"
   [ -f "$path/config.json" ] || "$py" -m mlx_serving.deployments.cli make-model "$path" \
-    --size "$1" --dtype bfloat16 >&2
+    --size "$1" --dtype bfloat16 ${2:+--quantize $2} >&2
   echo "$path"
 }
 
@@ -30,6 +32,14 @@ for step in "$@"; do
       path=$(model "$step")
       "$py" -m mlx_serving.bench.engine --model "$path" --concurrency 1 8 32 64 128 \
         --json "$out/engine-$step.json" | tee "$out/engine-$step.md" ;;
+    llm-*)
+      spec=${step#llm-}; size=${spec%-q*}; bits=""
+      [ "$spec" != "$size" ] && bits=${spec#*-q}
+      path=$(model "$size" $bits)
+      "$py" -m mlx_serving.deployments.cli bench llm --compare --model-path "$path" \
+        --concurrency 1 8 32 64 128 --max-batch-size 128 --engine prefill_batch_size=16 \
+        --mlx-lm-arg=--prompt-concurrency=16 --no-progress --no-plots --out "$out/$step" \
+        --title "$step" | tail -n 20 ;;
     serve-process-*)
       size=${step#serve-process-}
       path=$(model "$size")

@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs of each path at each level")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens-spread", type=float, default=0.0,
+                   help="each request asks for max_tokens x [1-s, 1+s] tokens (seeded, the same "
+                        "on every path), so that sequences do not all end on the same step")
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--port", type=int, default=8077)
     p.add_argument("--chunk-interval-ms", type=float, help="override the LLMServer setting")
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     config["applications"][0]["args"]["variants"]["stable"]["engine_process"] = args.engine_process
     levels = [(n, Workload(requests=max(16, n * args.requests_per_stream),
                            prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
-                           warmup=min(n, 8), seed=n))
+                           warmup=min(n, 8), seed=n, max_tokens_spread=args.max_tokens_spread))
               for n in args.concurrency]  # identical workloads on every path
     runs = run(config, levels, args.repeats, args.port)
     print(f"machine: {machine()}\nmodel: {args.model}\n\n{report(runs, PATH_NAMES)}")
