@@ -167,7 +167,9 @@ def _post(serve_app, body, path="/v1/chat/completions", headers=None, raw=None):
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
      "messages[0].content[0].type"),
     ({"stop": [""]}, "stop"),
-    ({"stream": True, "stream_options": {"continuous_usage_stats": True}},
+    ({"stream": True, "stream_options": {"include_usage": True, "bogus_option": True}},
+     "stream_options.bogus_option"),
+    ({"stream": True, "stream_options": {"continuous_usage_stats": "yes"}},
      "stream_options.continuous_usage_stats"),
 ])
 def test_invalid_values_are_400_naming_the_field(serve_app, patch, param):
