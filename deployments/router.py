@@ -110,22 +110,27 @@ def service_class(body, headers) -> tuple[str, float | None]:
     """A request's priority class and deadline: the body's fields, else the headers.
 
     ``X-Priority: interactive|batch`` and ``X-Request-Timeout: SECONDS`` let load tools and
-    proxies set them without touching bodies; a body field wins over its header.
+    proxies set them without touching bodies; a body field wins over its header. A header
+    is checked even where the body's field wins: a malformed one is an error, not ignored.
     """
-    priority = body.priority or headers.get(_PRIORITY_HEADER, "interactive").strip().lower()
-    if priority not in ("interactive", "batch"):
-        raise bad_request(f"X-Priority: must be 'interactive' or 'batch', got {priority!r}",
-                          "X-Priority")
-    timeout_s = body.timeout_s
+    header_priority = headers.get(_PRIORITY_HEADER)
+    if header_priority is not None:
+        header_priority = header_priority.strip().lower()
+        if header_priority not in ("interactive", "batch"):
+            raise bad_request(f"X-Priority: must be 'interactive' or 'batch', got "
+                              f"{header_priority!r}", "X-Priority")
     raw = headers.get(_TIMEOUT_HEADER)
-    if timeout_s is None and raw is not None:
+    header_timeout = None
+    if raw is not None:
         try:
-            timeout_s = float(raw)
+            header_timeout = float(raw)
         except ValueError:
-            timeout_s = -1.0
-        if not 0 < timeout_s < float("inf"):
+            header_timeout = -1.0
+        if not 0 < header_timeout < float("inf"):
             raise bad_request(f"X-Request-Timeout: must be a positive number of seconds, "
                               f"got {raw!r}", "X-Request-Timeout")
+    priority = body.priority or header_priority or "interactive"
+    timeout_s = body.timeout_s if body.timeout_s is not None else header_timeout
     return priority, timeout_s
 
 

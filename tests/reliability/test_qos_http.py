@@ -37,6 +37,9 @@ def test_batch_class_requests_are_served(serve_app, where):
     ({"X-Request-Timeout": "-1"}, {}, "X-Request-Timeout"),
     ({}, {"priority": "urgent"}, "priority"),
     ({}, {"timeout_s": 0}, "timeout_s"),
+    # A malformed header is refused even where the body's field wins over it.
+    ({"X-Priority": "urgent"}, {"priority": "batch"}, "X-Priority"),
+    ({"X-Request-Timeout": "soon"}, {"timeout_s": 30}, "X-Request-Timeout"),
 ])
 def test_bad_priority_or_deadline_is_a_400_naming_it(serve_app, headers, body, param):
     r = post(serve_app, chat_body(**body), headers)
