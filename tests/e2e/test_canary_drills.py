@@ -50,6 +50,13 @@ def phase(app) -> str | None:
     return rollout["phase"] if rollout else None
 
 
+def end_live_rollout(app, capsys) -> None:
+    """Roll back a rollout a failed drill left live (progressing or paused), so that later
+    tests do not send traffic to the canary."""
+    if phase(app) in ("progressing", "paused"):
+        run_cli(app, "rollback", "--reason", "drill cleanup", capsys=capsys)
+
+
 async def _drive(app, until, timeout_s: float, concurrency: int = 4) -> list[dict]:
     """Send small completions (random user keys) until ``until()`` holds; returns results."""
     results: list[dict] = []
@@ -172,6 +179,7 @@ def test_latency_regression_is_rolled_back_by_the_statistics(serve_app, tmp_path
         history = run_cli(serve_app, "history", capsys=capsys)
         assert "rollback" in history
     finally:
+        end_live_rollout(serve_app, capsys)
         set_canary_fault(serve_app)
 
 
@@ -191,6 +199,7 @@ def test_guard_sized_fault_is_rolled_back_by_the_guard(serve_app, tmp_path, caps
         assert any(r["status"] == 500 and r["variant"] == "canary" for r in results)
         assert variants_of(serve_app) == {"stable"}
     finally:
+        end_live_rollout(serve_app, capsys)
         set_canary_fault(serve_app)
 
 
@@ -249,10 +258,9 @@ def test_healthy_canary_is_promoted_through_every_stage(serve_app, tmp_path, cap
         run_cli(serve_app, "rollback", capsys=capsys)
         assert status(serve_app)["routing"]["stable"] == "canary"
     finally:
+        end_live_rollout(serve_app, capsys)
         # Hand the traffic back (and exercise promote --full): roll "stable" out at once.
         if status(serve_app)["routing"]["stable"] != "stable":
-            if phase(serve_app) in ("progressing", "paused"):
-                run_cli(serve_app, "rollback", capsys=capsys)
             run_cli(serve_app, "start", "stable", "--plan", plan, capsys=capsys)
             run_cli(serve_app, "promote", "--full", capsys=capsys)
     assert status(serve_app)["routing"]["stable"] == "stable"
