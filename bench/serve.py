@@ -23,24 +23,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator
 
-import httpx
 import yaml
 
 from mlx_serving.bench.compare import Runs, drive, engine_counters, report
 from mlx_serving.bench.engine import machine
 from mlx_serving.bench.loadgen import (EngineTarget, HttpTarget, RequestError, RequestSpec,
                                       Workload, generation_request)
+from mlx_serving.bench.servers import serve_run
 from mlx_serving.deployments.app import server_deployment_name
 from mlx_serving.engine import Engine, EngineConfig
 
@@ -79,36 +74,6 @@ class HandleTarget:
                 yield chunk.num_tokens
 
 
-@contextmanager
-def serve_app(config: dict, port: int) -> Iterator[str]:
-    """The application under ``serve run`` (its own local Ray); yields its URL once ready."""
-    config["http_options"]["port"] = port
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(config, f)
-    env = {**os.environ, "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1"}
-    # The `serve` CLI through this interpreter (works where its script is not on PATH).
-    cli = [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]
-    proc = subprocess.Popen([*cli, "run", f.name], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("serve run did not become ready")
-            time.sleep(1)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-        os.unlink(f.name)
-
-
 def run(config: dict, levels: list[tuple[int, Workload]], repeats: int, port: int) -> Runs:
     """Every level along every path, ``repeats`` times."""
     import ray
@@ -117,7 +82,8 @@ def run(config: dict, levels: list[tuple[int, Workload]], repeats: int, port: in
     variant = config["applications"][0]["args"]["variants"]["stable"]
     engine = Engine(EngineConfig.model_validate(variant["engine"]))
     try:
-        with serve_app(config, port) as url:
+        with tempfile.TemporaryDirectory() as tmp, \
+                serve_run(config, port, Path(tmp) / "serve-run.log", 600) as url:
             ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
             try:
                 server = serve.get_deployment_handle(server_deployment_name("stable"),

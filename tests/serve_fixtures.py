@@ -18,8 +18,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE = str(Path(sys.executable).with_name("serve"))
-API_KEY = "test-api-key"
-OPERATOR_TOKEN = "test-operator-token"
+# The secrets reach the replicas as docs/DEPLOYMENT.md says they should: through the
+# environment of every node's Ray processes (MLX_SERVING_API_KEYS, MLX_SERVING_OPERATOR_TOKEN),
+# never through the config, which Serve logs. One more key comes from the config, so that
+# path is served too (tests/reliability/test_secrets.py).
+API_KEY = "test-api-key-from-the-environment"
+OPERATOR_TOKEN = "test-operator-token-from-the-environment"
+CONFIG_API_KEY = "test-api-key-from-the-config"
+STABLE = "LLMServer-stable"
 
 
 def free_port() -> int:
@@ -29,18 +35,22 @@ def free_port() -> int:
 
 
 def test_config(model_path: Path, port: int, state_dir: Path) -> dict:
-    """cluster.yaml with the tiny model, keys, one stable LLMServer replica per machine and
-    a declared canary variant (same model, one replica anywhere, its engine in a child
-    process) for the rollout drills."""
+    """cluster.yaml with the tiny model, keys, one stable LLMServer replica per machine (a
+    small engine batch and queue) and a declared canary variant (same model, one replica
+    anywhere, its engine in a child process) for the rollout drills."""
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
     config["http_options"]["port"] = port
     app = config["applications"][0]
     args = app["args"]
-    args["api_keys"] = [API_KEY]
-    args["operator_token"] = OPERATOR_TOKEN
+    args["api_keys"] = [CONFIG_API_KEY]
     args["router"]["num_replicas"] = 2
     stable = args["variants"]["stable"]
     stable["engine"]["models"][0]["path"] = str(model_path)
+    # A small batch and queue, so that tests/reliability reaches the engine's own bounds
+    # (its 429s) with a few dozen clients. The queue holds at least max_ongoing_requests:
+    # at the deployment's own limits only Serve's queue refuses (503), as the e2e test of
+    # a full Serve queue expects.
+    stable["engine"].update(max_batch_size=4, prefill_batch_size=4, max_waiting_requests=8)
     stable["deployment"] = {
         "num_replicas": 2,
         "max_ongoing_requests": 8,
@@ -49,6 +59,7 @@ def test_config(model_path: Path, port: int, state_dir: Path) -> dict:
         "ray_actor_options": {"num_cpus": 0.5, "resources": {"mac": 1}},
     }
     args["variants"]["canary"] = {
+        # The same engine as stable: the drills' A/B analysis must see two equal variants.
         "engine": stable["engine"],
         "engine_process": True,  # the drills and canary requests run the child-process engine
         "deployment": {"num_replicas": 1, "max_ongoing_requests": 16, "max_queued_requests": 64,
@@ -73,12 +84,21 @@ class ServeApp:
         self.config = config
         self.config_path = config_path
 
-    def deploy(self, deployment_overrides: list[dict] | None = None) -> None:
-        """(Re)deploy the config with ``serve run``; overrides go to its `deployments:` list
-        (Serve applies a changed user_config in place, without restarting replicas)."""
+    def deploy(self, deployment_overrides: list[dict] | None = None,
+               extra_apps: list[dict] | None = None) -> None:
+        """(Re)deploy the config with ``serve run``; overrides go to its `deployments:` list.
+        ``extra_apps`` are deployed beside it (a config lists every application: a later
+        deploy without them removes them again).
+
+        Serve applies a changed user_config or max_ongoing_requests of a listed deployment
+        in place, without restarting replicas. The list always names LLMServer-stable:
+        Serve derives a listed deployment's actor options differently (it merges the app's
+        runtime_env into them), so listing it or not would restart its replicas."""
         config = {**self.config, "applications": [dict(self.config["applications"][0])]}
-        if deployment_overrides:
-            config["applications"][0]["deployments"] = deployment_overrides
+        entries = {STABLE: {"name": STABLE}}
+        entries.update({o["name"]: o for o in deployment_overrides or []})
+        config["applications"][0]["deployments"] = list(entries.values())
+        config["applications"] += extra_apps or []
         self.config_path.write_text(yaml.safe_dump(config))
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         subprocess.run([SERVE, "run", "--non-blocking", "-a", self.ray_address,
@@ -129,9 +149,19 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 2, "resources": {"mac": 1}})
-    cluster.add_node(num_cpus=2, resources={"mac": 1})
+    secrets = {"MLX_SERVING_API_KEYS": API_KEY, "MLX_SERVING_OPERATOR_TOKEN": OPERATOR_TOKEN}
+    saved = {k: os.environ.get(k) for k in secrets}
+    os.environ.update(secrets)  # inherited by the nodes' raylets, hence by every worker
+    try:
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={"num_cpus": 2, "resources": {"mac": 1}})
+        cluster.add_node(num_cpus=2, resources={"mac": 1})
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     ray.init(address=cluster.address)
     yield cluster
     ray.shutdown()
