@@ -1,0 +1,230 @@
+"""Replica scaling on a Ray cluster simulated on one machine: 1, 2, 3 ... LLMServer replicas,
+one per node, with the Router in front; how evenly requests spread and what each replica
+delivers.
+
+For each replica count N this starts a fresh local cluster (``ray.cluster_utils.Cluster``):
+a head node for the Router, proxy, Telemetry and RolloutController, and N nodes that each
+offer ``--cpus-per-node`` CPUs and the custom resource ``{"mac": 1}``, as machines of a rack
+would. cluster.yaml's application serves the model with N stable replicas that each need
+``{"mac": 1}`` (so one lands on each node) and three quarters of ``--cpus-per-node``. The load is
+``--streams-per-replica`` x N closed-loop streaming clients over HTTP (the fixed workload
+of ``mlx-serving bench llm``). Each replica's share comes from the application's
+``/metrics`` (``mlx_serving:engine_generation_tokens`` by replica, before and after).
+
+The nodes share the machine's cores, memory bandwidth and caches: this shows the Router's
+spread and the serving stack's overhead per replica, not the scaling of separate machines
+(the multi-GPU run measures that).
+
+    python -m mlx_serving.bench.replicas --model models/demo-small --replicas 1 2 3 \\
+        --cpus-per-node 4 --streams-per-replica 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import yaml
+
+from mlx_serving.bench.loadgen import HttpTarget, LoadResult, Workload, run_load
+from mlx_serving.bench.report import describe_environment, environment
+from mlx_serving.bench.servers import REPO, ServerOptions, free_port, our_config, server_env
+
+MODEL = "bench"  # the name our_config serves the model under
+_TOKENS = re.compile(r'^mlx_serving:engine_generation_tokens_total\{(?P<labels>[^}]*)\}\s+(\S+)$')
+_REPLICA = re.compile(r'replica="([^"]*)"')
+
+
+@dataclass
+class ScalingRun:
+    """One replica count's figures."""
+
+    replicas: int
+    streams: int
+    load: LoadResult
+    tokens_by_replica: dict[str, float]  # tokens each replica generated in the measured run
+
+    @property
+    def shares(self) -> list[float]:
+        """Each replica's share of the tokens, largest first."""
+        total = sum(self.tokens_by_replica.values()) or 1.0
+        return sorted((t / total for t in self.tokens_by_replica.values()), reverse=True)
+
+    def to_dict(self) -> dict:
+        return {"replicas": self.replicas, "streams": self.streams, "load": self.load.to_dict(),
+                "tokens_by_replica": self.tokens_by_replica, "shares": self.shares}
+
+
+@contextmanager
+def simulated_cluster(nodes: int, cpus_per_node: int, head_cpus: int) -> Iterator:
+    """A local Ray cluster (``ray.cluster_utils.Cluster``) of a head and ``nodes`` nodes
+    with ``{"mac": 1}``. The nodes inherit this process's environment (offline hub,
+    OpenBLAS)."""
+    from ray.cluster_utils import Cluster
+
+    saved = dict(os.environ)
+    os.environ.update(server_env())
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus})
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=cpus_per_node, resources={"mac": 1})
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def scaling_config(model: str, replicas: int, cpus_per_node: int,
+                   max_batch_size: int | None, port: int) -> dict:
+    """cluster.yaml serving ``model`` from ``replicas`` stable replicas, one per node."""
+    config = our_config(ServerOptions(model_path=model, max_batch_size=max_batch_size))
+    config["http_options"]["port"] = port
+    deployment = config["applications"][0]["args"]["variants"]["stable"]["deployment"]
+    deployment.pop("autoscaling_config", None)
+    # Three quarters of the node: Serve may place a Router or Telemetry replica on any node,
+    # and a replica that asked for the whole node would then never be scheduled.
+    deployment.update(num_replicas=replicas, max_replicas_per_node=1,
+                      ray_actor_options={"num_cpus": 0.75 * cpus_per_node,
+                                         "resources": {"mac": 1}})
+    return config
+
+
+@contextmanager
+def deployed(config: dict, cluster, timeout_s: float = 600.0) -> Iterator[str]:
+    """``config`` deployed on ``cluster`` with ``serve run``; yields the URL once ``/ready``
+    answers (the cluster's shutdown takes the application down)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(config, f)
+    cli = [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]
+    subprocess.run([*cli, "run", "--non-blocking", "-a", cluster.address, f.name], check=True,
+                   cwd=REPO, env=server_env(), stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)  # a pipe would be held open by what it starts
+    url = f"http://127.0.0.1:{config['http_options']['port']}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not _ready(url):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the application was not ready after {timeout_s:.0f} s; "
+                                   f"Serve's logs: {cluster.head_node.get_logs_dir_path()}/serve")
+            time.sleep(1)
+        yield url
+    finally:
+        os.unlink(f.name)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ready", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def tokens_by_replica(url: str) -> dict[str, float]:
+    """Tokens each LLMServer replica has generated, from the application's /metrics."""
+    return parse_tokens_by_replica(httpx.get(f"{url}/metrics", timeout=30).text)
+
+
+def parse_tokens_by_replica(metrics: str) -> dict[str, float]:
+    """``mlx_serving:engine_generation_tokens_total`` summed by replica label."""
+    out: dict[str, float] = {}
+    for line in metrics.splitlines():
+        m = _TOKENS.match(line)
+        if m:
+            replica = _REPLICA.search(m["labels"])
+            if replica:
+                out[replica[1]] = out.get(replica[1], 0.0) + float(m[2])
+    return out
+
+
+async def _settled_tokens(url: str, previous: dict[str, float] | None = None,
+                          wait_s: float = 3.0) -> dict[str, float]:
+    """The per-replica token counters once they stop moving (Telemetry gets them each second)."""
+    await asyncio.sleep(wait_s)
+    current = await asyncio.to_thread(tokens_by_replica, url)
+    while current != previous:
+        previous = current
+        await asyncio.sleep(wait_s)
+        current = await asyncio.to_thread(tokens_by_replica, url)
+    return current
+
+
+async def measure(url: str, replicas: int, streams: int, workload: Workload) -> ScalingRun:
+    async with HttpTarget(url, MODEL, max_connections=streams + 8) as http:
+        await run_load(http, Workload(requests=streams, warmup=0, seed=99, max_tokens=8), streams)
+        before = await _settled_tokens(url)
+        load = await run_load(http, workload, streams)
+        after = await _settled_tokens(url, before)
+    delta = {r: after[r] - before.get(r, 0.0) for r in after}
+    return ScalingRun(replicas, streams, load, delta)
+
+
+def report(runs: list[ScalingRun]) -> str:
+    base = runs[0].load.output_tok_s / runs[0].replicas if runs else 0.0
+    lines = ["| replicas | streams | output tok/s | per replica | scaling efficiency | "
+             "token share per replica | TTFT p50 / p99 ms | ok / failed |",
+             "|---:|---:|---:|---:|---:|---|---|---:|"]
+    for r in runs:
+        per = r.load.output_tok_s / r.replicas
+        lines.append(
+            f"| {r.replicas} | {r.streams} | {r.load.output_tok_s:,.1f} | {per:,.1f} | "
+            f"{per / base:.2f} | {' / '.join(f'{s:.0%}' for s in r.shares)} | "
+            f"{r.load.ttft_ms['p50']:,.0f} / {r.load.ttft_ms['p99']:,.0f} | "
+            f"{r.load.requests_ok} / {r.load.requests_failed} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="MLX model folder")
+    p.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--cpus-per-node", type=int, default=4)
+    p.add_argument("--head-cpus", type=int, default=2)
+    p.add_argument("--streams-per-replica", type=int, default=8)
+    p.add_argument("--requests-per-stream", type=int, default=4)
+    p.add_argument("--input-tokens", type=int, default=128)
+    p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--max-batch-size", type=int, help="each replica's engine batch")
+    p.add_argument("--ready-timeout-s", type=float, default=600.0,
+                   help="how long each deployment may take to answer /ready")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+
+    runs = []
+    for n in args.replicas:
+        streams = n * args.streams_per_replica
+        workload = Workload(requests=streams * args.requests_per_stream,
+                            prompt_tokens=args.input_tokens, max_tokens=args.output_tokens,
+                            warmup=streams, warmup_max_tokens=16, seed=n)
+        config = scaling_config(str(Path(args.model).resolve()), n, args.cpus_per_node,
+                                args.max_batch_size, free_port())
+        with simulated_cluster(n, args.cpus_per_node, args.head_cpus) as cluster:
+            with deployed(config, cluster, args.ready_timeout_s) as url:
+                run = asyncio.run(measure(url, n, streams, workload))
+        runs.append(run)
+        print(f"{n} replica(s): {run.load.output_tok_s:,.1f} tok/s, shares "
+              f"{[f'{s:.0%}' for s in run.shares]}", file=sys.stderr, flush=True)
+        if args.json:  # after each count, so an interrupted run keeps what it measured
+            Path(args.json).write_text(json.dumps(
+                {"environment": environment(), "args": vars(args),
+                 "runs": [r.to_dict() for r in runs]}, indent=2))
+    print(f"{describe_environment(environment())}\nmodel: {args.model}\n\n{report(runs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
