@@ -584,11 +584,10 @@ class Router:
                          "logprobs": (completion_logprobs(item.logprobs, offset)
                                       if item.logprobs else None),
                          "finish_reason": finish}
+                event = {**meta, "object": obj, "choices": [c]}
                 if continuous:   # vLLM's continuous_usage_stats
-                    yield sse({**meta, "object": obj, "choices": [c],
-                               "usage": usage(choices, n_per_prompt)})
-                else:
-                    yield sse({**meta, "object": obj, "choices": [c]})
+                    event["usage"] = usage(choices, n_per_prompt)
+                yield sse(event)
             if include_usage:
                 yield sse({**meta, "object": obj, "choices": [],
                            "usage": usage(choices, n_per_prompt)})

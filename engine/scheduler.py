@@ -122,9 +122,9 @@ class Scheduler:
             if seq.request_id in self._ids:
                 raise ValueError(f"request id {seq.request_id!r} is already in use")
             runner = self.runners.get(seq.model_name)
-            free_slots = self.config.max_batch_size - (runner.num_running if runner else 0)
-            self.admission.reserve(len(seq.prompt_ids), seq.kv_bytes, seq.priority,
-                                   free_slots=max(0, free_slots))
+            self.admission.reserve(
+                len(seq.prompt_ids), seq.kv_bytes, seq.priority,
+                free_slots=self._free_slots(runner) if runner else self.config.max_batch_size)
             self._ids.add(seq.request_id)
         self._inbox.put(_Submit(seq))
 
@@ -289,8 +289,12 @@ class Scheduler:
         runner.start(seq)
         return True
 
+    def _free_slots(self, runner: ModelRunner) -> int:
+        """Sequences ``runner``'s batch could take now."""
+        return max(0, self.config.max_batch_size - runner.num_running)
+
     def _fits(self, runner: ModelRunner, extra_kv_bytes: int) -> bool:
-        return (runner.num_running < self.config.max_batch_size
+        return (self._free_slots(runner) > 0
                 and self.kv_reserved_bytes + extra_kv_bytes <= self.kv_budget_bytes)
 
     def _hold_kv(self, seq: Sequence, nbytes: int) -> None:
@@ -314,7 +318,7 @@ class Scheduler:
              if s.priority is Priority.BATCH and s.first_token_at is not None),
             key=lambda s: s.admitted_at, reverse=True)
         victims = []
-        if runner.num_running >= self.config.max_batch_size:   # it needs a slot of this batch
+        if not self._free_slots(runner):   # it needs a slot of this batch
             victim = next((s for s in candidates if s.model_name == seq.model_name), None)
             if victim is None:
                 return False
@@ -376,7 +380,7 @@ class Scheduler:
             elif seq.pause_reason is PauseReason.PREEMPTED:
                 continue   # _admit resumes it
             elif (seq.stream.buffered_tokens <= limit // 2
-                  and runner.num_running < self.config.max_batch_size
+                  and self._free_slots(runner) > 0
                   # it would be preempted again at once
                   and not (seq.priority is Priority.BATCH and self._waiting.has_interactive)):
                 self._resume(runner, seq)
