@@ -23,10 +23,8 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -36,12 +34,12 @@ from typing import AsyncIterator, Iterator
 
 import httpx
 import numpy as np
-import yaml
 
 from mlx_serving.bench.engine import machine
 from mlx_serving.bench.loadgen import (HttpTarget, RequestError, RequestSpec, Usage, Workload,
                                       run_load)
 from mlx_serving.bench.serve import stable_config
+from mlx_serving.bench.servers import deploy, free_port, wait_ready, wait_until
 from mlx_serving.deployments.app import server_deployment_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,11 +106,6 @@ class App:
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith(name + "{") or line.startswith(name + " "))
 
-    def ready(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/ready", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
 
 
 @contextmanager
@@ -137,16 +130,8 @@ def running_app(config: dict, port: int) -> Iterator[App]:
             if attempt == 2:
                 raise
     try:
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            yaml.safe_dump(config, f)
-        cli = [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]
-        subprocess.run([*cli, "run", "--non-blocking", "-a", ray.get_runtime_context().gcs_address,
-                        f.name], check=True, cwd=REPO, timeout=600,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-        os.unlink(f.name)
-        app = App(f"http://127.0.0.1:{port}")
-        if not wait_for(app.ready, 600):
+        app = App(deploy(config, ray.get_runtime_context().gcs_address))
+        if not wait_ready(app.url, 600):
             raise RuntimeError("the application did not become ready")
         yield app
     finally:
@@ -154,16 +139,6 @@ def running_app(config: dict, port: int) -> Iterator[App]:
             serve.shutdown()
         finally:
             ray.shutdown()
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.25) -> bool:
-    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 def rss_bytes(pid: int) -> int:
@@ -476,7 +451,7 @@ async def overload(app: App, args) -> dict:
         right_after = RecordingTarget(http)
         await run_load(right_after, replace(normal, seed=7), args.max_batch_size)
         scale_after = (await app.stats())["admission_scale"]
-        await asyncio.to_thread(wait_for, lambda: qos_normal(app), 300, 1.0)
+        await asyncio.to_thread(wait_until, lambda: qos_normal(app), 300)
         qos_lifted_s = time.perf_counter() - ended
         recovered = RecordingTarget(http)
         await run_load(recovered, replace(normal, seed=9), args.max_batch_size)
@@ -627,9 +602,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.port:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            args.port = s.getsockname()[1]
+        args.port = free_port()
     with running_app(config_for(args), args.port) as app:
         figures = asyncio.run(SCENARIOS[args.scenario](app, args))
     report = {"scenario": args.scenario, "machine": machine(), "model": args.model,

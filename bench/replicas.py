@@ -26,21 +26,18 @@ import asyncio
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import httpx
-import yaml
 
 from mlx_serving.bench.loadgen import HttpTarget, LoadResult, Workload, run_load
 from mlx_serving.bench.report import describe_environment, environment
-from mlx_serving.bench.servers import REPO, ServerOptions, free_port, our_config, server_env
+from mlx_serving.bench.servers import (ServerOptions, deploy, free_port, our_config,
+                                      server_env, wait_ready)
 
 MODEL = "bench"  # the name our_config serves the model under
 _TOKENS = re.compile(r'^mlx_serving:engine_generation_tokens_total\{(?P<labels>[^}]*)\}\s+(\S+)$')
@@ -104,34 +101,14 @@ def scaling_config(model: str, replicas: int, cpus_per_node: int,
     return config
 
 
-@contextmanager
-def deployed(config: dict, cluster, timeout_s: float = 600.0) -> Iterator[str]:
-    """``config`` deployed on ``cluster`` with ``serve run``; yields the URL once ``/ready``
-    answers (the cluster's shutdown takes the application down)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(config, f)
-    cli = [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]
-    subprocess.run([*cli, "run", "--non-blocking", "-a", cluster.address, f.name], check=True,
-                   cwd=REPO, env=server_env(), stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)  # a pipe would be held open by what it starts
-    url = f"http://127.0.0.1:{config['http_options']['port']}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not _ready(url):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the application was not ready after {timeout_s:.0f} s; "
-                                   f"Serve's logs: {cluster.head_node.get_logs_dir_path()}/serve")
-            time.sleep(1)
-        yield url
-    finally:
-        os.unlink(f.name)
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/ready", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
+def deploy_and_wait(config: dict, cluster, timeout_s: float = 600.0) -> str:
+    """``config`` deployed on ``cluster``; its URL once ``/ready`` answers (the cluster's
+    shutdown takes the application down)."""
+    url = deploy(config, cluster.address)
+    if not wait_ready(url, timeout_s):
+        raise RuntimeError(f"the application was not ready after {timeout_s:.0f} s; "
+                           f"Serve's logs: {cluster.head_node.get_logs_dir_path()}/serve")
+    return url
 
 
 def tokens_by_replica(url: str) -> dict[str, float]:
@@ -213,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         config = scaling_config(str(Path(args.model).resolve()), n, args.cpus_per_node,
                                 args.max_batch_size, free_port())
         with simulated_cluster(n, args.cpus_per_node, args.head_cpus) as cluster:
-            with deployed(config, cluster, args.ready_timeout_s) as url:
-                run = asyncio.run(measure(url, n, streams, workload))
+            url = deploy_and_wait(config, cluster, args.ready_timeout_s)
+            run = asyncio.run(measure(url, n, streams, workload))
         runs.append(run)
         print(f"{n} replica(s): {run.load.output_tok_s:,.1f} tok/s, shares "
               f"{[f'{s:.0%}' for s in run.shares]}", file=sys.stderr, flush=True)

@@ -25,7 +25,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 import yaml
@@ -73,6 +73,61 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The `serve` CLI through this interpreter (works where its script is not on PATH).
+SERVE_CLI = [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]
+
+
+def is_ready(url: str) -> bool:
+    """Whether the application at ``url`` answers ``/ready`` with 200."""
+    try:
+        return httpx.get(f"{url}/ready", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def completes(url: str, model: str) -> bool:
+    """Whether the server at ``url`` completes a one-token request for ``model`` (the
+    readiness of a server without a ``/ready``, such as mlx_lm.server)."""
+    try:
+        return httpx.post(f"{url}/v1/completions", timeout=60,
+                          json={"model": model, "prompt": "hello", "max_tokens": 1}
+                          ).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_until(ready: Callable[[], bool], timeout_s: float,
+               gave_up: Callable[[], bool] = lambda: False, interval_s: float = 1.0) -> bool:
+    """Poll ``ready()``: True once it holds, False after ``timeout_s`` or as soon as
+    ``gave_up()`` says there is no point (the server process ended, say)."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if gave_up() or time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
+    return True
+
+
+def wait_ready(url: str, timeout_s: float) -> bool:
+    """Until the application at ``url`` answers ``/ready`` (True) or ``timeout_s`` passes."""
+    return wait_until(lambda: is_ready(url), timeout_s)
+
+
+def deploy(config: dict, address: str) -> str:
+    """Submit ``config`` with ``serve run --non-blocking`` to the Ray cluster at ``address``
+    (its GCS address); returns the application's URL (not ready yet)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(config, f)
+    try:
+        # Output to /dev/null: a pipe would be held open by the processes the CLI starts.
+        subprocess.run([*SERVE_CLI, "run", "--non-blocking", "-a", address, f.name], check=True,
+                       cwd=REPO, env=server_env(), timeout=600, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    finally:
+        os.unlink(f.name)
+    return f"http://127.0.0.1:{config['http_options']['port']}"
+
+
 def server_env() -> dict[str, str]:
     """The environment of a started server: this one, offline, OpenBLAS preloaded."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", **preload_env()}
@@ -105,24 +160,15 @@ def serve_run(config: dict, port: int, log: Path, timeout_s: float) -> Iterator[
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
     env = {**os.environ, "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1"}
-    cli = [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]  # no PATH needed
     url = f"http://127.0.0.1:{port}"
     with open(log, "w") as out:
-        proc = subprocess.Popen([*cli, "run", f.name], env=env, cwd=REPO, stdout=out,
+        proc = subprocess.Popen([*SERVE_CLI, "run", f.name], env=env, cwd=REPO, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"serve run not ready (exit {proc.returncode}); "
-                                   f"the end of {log}:\n{tail}")
-            time.sleep(1)
+        if not wait_until(lambda: is_ready(url), timeout_s, gave_up=lambda: proc.poll() is not None):
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"serve run not ready (exit {proc.returncode}); "
+                               f"the end of {log}:\n{tail}")
         yield url
     finally:
         _stop(proc, timeout_s=120)
@@ -190,30 +236,16 @@ def start_mlx_lm(options: ServerOptions, port: int | None = None,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, "default_model", proc, options.startup_timeout_s)
+        if not wait_until(lambda: completes(url, "default_model"), options.startup_timeout_s,
+                          gave_up=lambda: proc.poll() is not None, interval_s=0.5):
+            raise RuntimeError(
+                f"server exited with {proc.returncode} before it was ready"
+                if proc.poll() is not None
+                else f"server at {url} not ready after {options.startup_timeout_s:.0f} s")
         yield Endpoint(SERVER_NAMES["mlx_lm"], url, "default_model",
                        command=" ".join(["python"] + cmd[1:]))
     finally:
         _stop(proc, timeout_s=60)
-
-
-def wait_ready(url: str, model: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    """Until ``url`` completes a one-token request for ``model``; raises if ``proc`` exits
-    first or ``timeout_s`` passes."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            r = httpx.post(f"{url}/v1/completions", timeout=60,
-                           json={"model": model, "prompt": "hello", "max_tokens": 1})
-            if r.status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"server at {url} not ready after {timeout_s:.0f} s")
-        time.sleep(0.5)
 
 
 STARTERS = {"ours": start_ours, "mlx_lm": start_mlx_lm}
