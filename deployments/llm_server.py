@@ -10,6 +10,7 @@ import os
 import random
 from typing import AsyncIterator
 
+import ray
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ray import serve
@@ -143,8 +144,12 @@ class LLMServer:
         return dataclasses.asdict(self.engine.stats())
 
     def info(self) -> dict:
+        """Where this replica runs: its process and the engine's, its GPUs, its models."""
+        engine_pid = self.engine.pid if isinstance(self.engine, EngineProcess) else os.getpid()
         return {"replica": self.replica, "variant": self.variant, "pid": os.getpid(),
-                "openblas_preloaded": is_preloaded(), "models": self.models()}
+                "engine_pid": engine_pid, "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "openblas_preloaded": is_preloaded(),
+                "models": self.models()}
 
     def tokenize(self, model: str | None, prompt: str | None, messages: list[dict] | None,
                  add_special_tokens: bool) -> list[int]:
