@@ -28,6 +28,15 @@ class EngineConfig(BaseModel):
     max_batch_size: int = Field(default=32, ge=1, description="Sequences decoded together per step.")
     prefill_batch_size: int = Field(default=8, ge=1, description="Prompts prefilled together.")
     prefill_step_size: int = Field(default=2048, ge=16, description="Prompt tokens per prefill chunk.")
+    prefill_wait_steps: int = Field(
+        default=8, ge=0,
+        description="Decode steps a new request may wait, while the batch decodes, for others "
+                    "to join the batch with it (one prompt pass for the group); 0 admits each "
+                    "arrival at the next step. Like TGI's --max-waiting-tokens.")
+    prefill_wait_ratio: float = Field(
+        default=0.25, ge=0,
+        description="Waiting requests, as a share of the running ones, that join the batch "
+                    "without waiting prefill_wait_steps. Like TGI's --waiting-served-ratio.")
     max_waiting_requests: int = Field(
         default=1024, ge=1, description="Requests admitted to the queue before QueueFullError.")
     max_waiting_tokens: int = Field(

@@ -25,6 +25,7 @@ from mlx_serving.engine.detokenizer import IncrementalDetokenizer
 from mlx_serving.engine.errors import DeadlineExceededError, EngineClosedError, ReaderStalledError
 from mlx_serving.engine.outputs import FinishReason, RequestOutput, Timings, Usage
 from mlx_serving.engine.params import Priority
+from mlx_serving.engine.prefill_gate import PrefillGate
 from mlx_serving.engine.runner import ModelRunner
 from mlx_serving.engine.sampling import token_logprob
 from mlx_serving.engine.sequence import (DeadlineHeap, PauseReason, Sequence, SequenceStatus,
@@ -81,6 +82,7 @@ class Scheduler:
         self.kv_reserved_bytes = 0
         self.runners: dict[str, ModelRunner] = {}
         self.admission = AdmissionControl(config, kv_budget_bytes)
+        self.prefill_gate = PrefillGate(config.prefill_wait_steps, config.prefill_wait_ratio)
         self.counters = SchedulerCounters()
         self.heartbeat = time.monotonic()
         self.failure: BaseException | None = None
@@ -255,9 +257,12 @@ class Scheduler:
 
         An interactive sequence that does not fit may preempt running batch-class ones.
         Preempted sequences resume before any new batch-class sequence is admitted, and
-        only while no interactive one waits.
+        only while no interactive one waits. Nothing joins a decoding batch until the
+        prefill gate opens (see ``PrefillGate``).
         """
         waiting = self._waiting
+        if not self._prefill_gate_open():
+            return
         while waiting.has_interactive:
             if not self._admit_next(preempt=True):
                 return
@@ -266,6 +271,16 @@ class Scheduler:
         while waiting:
             if not self._admit_next(preempt=False):
                 return
+
+    def _prefill_gate_open(self) -> bool:
+        if not self._waiting:
+            return True
+        runner = self.runners.get(self._waiting.head().model_name)
+        if runner is None:
+            return True
+        return self.prefill_gate.open(step=self.counters.steps, running=runner.num_running,
+                                      waiting=len(self._waiting),
+                                      free_slots=self._free_slots(runner))
 
     def _admit_next(self, *, preempt: bool) -> bool:
         """Admit the head of the queue; False if it has to wait."""

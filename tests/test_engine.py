@@ -236,6 +236,60 @@ def test_cancellation_frees_the_slot_within_a_step(engine):
     assert stats.kv_reserved_bytes == 0
 
 
+def _long(tag: str):
+    return chat(f"long {tag}", max_tokens=100_000, temperature=0, ignore_eos=True)
+
+
+async def _end(tasks) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_prefill_gate_holds_an_arrival_until_another_joins_it(tiny_model_path):
+    eng = make_engine(tiny_model_path, max_batch_size=8, prefill_wait_steps=1_000_000,
+                      prefill_wait_ratio=1.0)
+    try:
+        async def go():
+            running = [asyncio.create_task(collect(eng, _long(str(i)))) for i in range(2)]
+            await async_wait_until(lambda: eng.stats().running == 2)
+            first = asyncio.create_task(collect(eng, chat("first", max_tokens=3)))
+            await async_wait_until(lambda: eng.stats().waiting == 1)
+            steps = eng.stats().steps
+            await async_wait_until(lambda: eng.stats().steps >= steps + 20)
+            held = eng.stats()
+            # Two waiting against two running reach the ratio: both join.
+            second = asyncio.create_task(collect(eng, chat("second", max_tokens=3)))
+            outs = await asyncio.gather(first, second)
+            await _end(running)
+            return held, outs
+
+        held, outs = run(go())
+        assert (held.waiting, held.running) == (1, 2)
+        assert [o.final.usage.completion_tokens for o in outs] == [3, 3]
+    finally:
+        eng.shutdown()
+
+
+def test_prefill_gate_holds_a_lone_arrival_a_bounded_number_of_steps(tiny_model_path):
+    eng = make_engine(tiny_model_path, max_batch_size=8, prefill_wait_steps=5,
+                      prefill_wait_ratio=100.0)
+    try:
+        async def go():
+            running = [asyncio.create_task(collect(eng, _long(str(i)))) for i in range(2)]
+            await async_wait_until(lambda: eng.stats().running == 2)
+            out = await collect(eng, chat("alone", max_tokens=3))
+            still_running = eng.stats().running
+            await _end(running)
+            return out, still_running
+
+        out, still_running = run(go())
+        assert out.final.usage.completion_tokens == 3
+        assert still_running == 2   # it joined the decoding batch, not an idle one
+    finally:
+        eng.shutdown()
+
+
 def test_slow_reader_is_paused_and_output_unchanged(tiny_model_path):
     eng = make_engine(tiny_model_path, stream_buffer_tokens=4)
     try:
