@@ -7,6 +7,11 @@
 #   STEP: tiny | 1b | 8b            engine vs raw BatchGenerator
 #         serve-SIZE                HTTP / Serve handle / engine in-process (bench.serve)
 #         serve-process-SIZE        the same with the replica's engine in a child process
+#         serve-nogate-SIZE         serve-SIZE with the prefill gate off (prefill_wait_steps=0)
+#         serve-spread[-nogate]-SIZE  serve-SIZE with output lengths spread over 64-192
+#         gpus-N                    bench llm, ours alone: N replicas of one GPU each, 8B bf16,
+#                                   32-256 streams (the multi-GPU scaling run)
+#         canary-gpus               the canary rollback drill, stable and canary on a GPU each
 #         process-SIZE              engine in-process vs in a child process, no Ray
 #         llm-SIZE[-q4]             mlx-serving bench llm --compare: ours vs mlx_lm.server
 #                                   (bf16, or 4-bit with -q4), 1-128 streams
@@ -40,6 +45,25 @@ for step in "$@"; do
         --concurrency 1 8 32 64 128 --max-batch-size 128 --engine prefill_batch_size=16 \
         --mlx-lm-arg=--prompt-concurrency=16 --no-progress --no-plots --out "$out/$step" \
         --title "$step" | tail -n 20 ;;
+    serve-nogate-*|serve-spread-*)
+      spec=${step#serve-}; flags=()
+      [[ $spec == spread-* ]] && { spec=${spec#spread-}; flags+=(--max-tokens-spread 0.5); }
+      [[ $spec == nogate-* ]] && { spec=${spec#nogate-}; flags+=(--engine prefill_wait_steps=0); }
+      path=$(model "$spec")
+      "$py" -m mlx_serving.bench.serve --model "$path" --concurrency 1 8 32 64 \
+        --max-batch-size 64 "${flags[@]}" --json "$out/$step.json" | tee "$out/$step.md" ;;
+    gpus-*)
+      n=${step#gpus-}
+      path=$(model 8b)
+      "$py" -m mlx_serving.deployments.cli bench llm --compare --servers ours --model-path "$path" \
+        --replicas "$n" --gpus-per-replica 1 --concurrency 32 64 128 256 --max-batch-size 128 \
+        --engine prefill_batch_size=16 --no-progress --no-plots --out "$out/$step" \
+        --title "$step" | tail -n 20 ;;
+    canary-gpus)
+      path=$(model 8b)
+      "$py" -m mlx_serving.bench.canary_gpus --model "$path" --stable-replicas 1 \
+        --canary-replicas 1 --concurrency 32 --json "$out/canary-gpus.json" \
+        | tail -n 60 ;;
     serve-process-*)
       size=${step#serve-process-}
       path=$(model "$size")
