@@ -3,9 +3,19 @@
 Used only from the engine thread. The runner hides BatchGenerator's uids and cache
 handling: sequences go in, pause, resume and leave; caches of leaving sequences feed the
 prefix cache.
+
+Sequences that finish are *retired*, not removed: the scheduler decides when a sequence
+ends (stop tokens, max_tokens), delivers its last token at once, and the runner releases
+the slots of retired sequences together (``release_retired``), when new ones are about to
+join or after a few steps. Each change of the batch's membership costs a filter of every
+layer's KV cache, a cache extraction per sequence and host syncs that stall the decode
+pipeline; BatchGenerator would pay them once per finishing sequence. Until released, a
+retired sequence keeps its slot and its garbage tokens are dropped.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import trim_prompt_cache
@@ -17,6 +27,17 @@ from mlx_serving.engine.sampling import logits_processors_for, sampler_for
 from mlx_serving.engine.sequence import Sequence, SequenceStatus
 
 
+# BatchGenerator never ends a sequence itself: no stop tokens, and max_tokens beyond the
+# request's by more steps than a retired sequence may wait for its release.
+_NO_STOPS = StopSequences()
+
+
+@dataclass
+class _Retired:
+    tokens: list[int]   # the tokens its KV cache holds that belong to the request
+    since_step: int
+
+
 class ModelRunner:
     """A model, its BatchGenerator and its prefix cache."""
 
@@ -25,7 +46,9 @@ class ModelRunner:
         self._config = config
         self.prefix_cache = PrefixCache(config.prompt_cache_bytes)
         self.by_uid: dict[int, Sequence] = {}
-        self._eos_stops = StopSequences([(t,) for t in loaded.eos_token_ids])
+        self._retired: dict[int, _Retired] = {}
+        self._eos_ids = frozenset(loaded.eos_token_ids)
+        self._max_tokens_slack = config.prefill_wait_steps + 2
         self._retired_times = (0.0, 0.0)  # prefill and decode seconds of replaced batches
         self.batch = self._new_batch()
 
@@ -42,6 +65,7 @@ class ModelRunner:
         """Drop the batch (after an MLX failure); returns the sequences that were in it."""
         lost = list(self.by_uid.values())
         self.by_uid.clear()
+        self._retired.clear()
         self._retired_times = self.batch_times()
         self.batch.close()
         self.batch = self._new_batch()
@@ -56,7 +80,7 @@ class ModelRunner:
         return len(self.by_uid)
 
     def sequences_in_batch(self) -> int:
-        """Sequences BatchGenerator itself holds (queued, prefilling or decoding).
+        """Sequences BatchGenerator itself holds (queued, prefilling, decoding or retired).
 
         Reads mlx-lm internals on purpose: it checks the real batch, not our bookkeeping.
         """
@@ -72,24 +96,21 @@ class ModelRunner:
         prefill, decode = self._retired_times
         return prefill + c.prompt_time, decode + c.decode_time
 
-    def _stops_for(self, seq: Sequence) -> StopSequences:
+    def is_stop_token(self, seq: Sequence, token: int) -> bool:
+        """Whether ``token`` ends ``seq``: one of its stop_token_ids, or EOS unless it
+        ignores EOS."""
         params = seq.params
-        if not params.stop_token_ids and not params.ignore_eos:
-            return self._eos_stops
-        ids = list(params.stop_token_ids)
-        if not params.ignore_eos:
-            ids.extend(self.loaded.eos_token_ids)
-        return StopSequences([(t,) for t in ids])
+        return token in params.stop_token_ids or (not params.ignore_eos and token in self._eos_ids)
 
     def _insert(self, seq: Sequence, prompt: list[int], cache, context: list[int]) -> None:
         (uid,) = self.batch.insert(
             [prompt],
-            max_tokens=[seq.remaining_tokens],
+            max_tokens=[seq.remaining_tokens + self._max_tokens_slack],
             caches=[cache],
             all_tokens=[context],
             samplers=[sampler_for(seq.params, len(seq.generated))],
             logits_processors=[logits_processors_for(seq.params)],
-            stop_sequences=[self._stops_for(seq)],
+            stop_sequences=[_NO_STOPS],
         )
         seq.uid = uid
         seq.status = SequenceStatus.RUNNING
@@ -119,11 +140,40 @@ class ModelRunner:
             self.prefix_cache.store(tokens, cache)
         return cache
 
-    def finished(self, uid: int, tokens: list[int] | None, cache: list | None) -> None:
-        """Forget a sequence BatchGenerator ended itself (EOS, stop token, max_tokens)."""
+    def retire(self, seq: Sequence, step: int) -> None:
+        """A finished sequence leaves the books now and the batch at the next release.
+
+        Its KV cache holds the prompt and every generated token (the last one was fed to
+        the step that returned it); the tokens generated after it are garbage.
+        """
+        uid = seq.uid
         self.by_uid.pop(uid, None)
-        if tokens and cache:
-            self.prefix_cache.store(tokens, cache)
+        seq.uid = None
+        self._retired[uid] = _Retired(seq.prompt_ids + seq.generated, step)
+
+    @property
+    def num_retired(self) -> int:
+        return len(self._retired)
+
+    def retired_since(self) -> int | None:
+        """The step at which the longest-waiting retired sequence was retired."""
+        return min((r.since_step for r in self._retired.values()), default=None)
+
+    def release_retired(self) -> None:
+        """Take every retired sequence out of the batch (one filter of the batch), their
+        caches, cut back to the request's own tokens, to the prefix cache."""
+        if not self._retired:
+            return
+        retired, self._retired = self._retired, {}
+        extracted = self.batch.remove(list(retired), return_prompt_caches=self.prefix_cache.enabled)
+        for uid, (cache, tokens) in extracted.items():
+            kept = retired[uid].tokens
+            excess = len(tokens) - len(kept)
+            if excess < 0:
+                continue
+            if excess:
+                trim_prompt_cache(cache, excess)
+            self.prefix_cache.store(kept, cache)
 
     def pause(self, seq: Sequence) -> None:
         """Move a decoding sequence out of the batch, keeping its KV cache for ``resume``.

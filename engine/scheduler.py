@@ -263,6 +263,9 @@ class Scheduler:
         waiting = self._waiting
         if not self._prefill_gate_open():
             return
+        if waiting or self._paused:
+            for runner in self.runners.values():  # the leaving and the joining in one change
+                runner.release_retired()
         while waiting.has_interactive:
             if not self._admit_next(preempt=True):
                 return
@@ -431,8 +434,12 @@ class Scheduler:
         self.counters.generated_tokens += len(responses)
         for response in responses:
             seq = runner.by_uid.get(response.uid)
-            if seq is not None:
+            if seq is not None:   # None: a retired sequence's garbage token
                 self._on_token(runner, seq, response)
+        since = runner.retired_since()
+        if since is not None and (not runner.by_uid
+                                  or self.counters.steps - since >= self.config.prefill_wait_steps):
+            runner.release_retired()
 
     def _on_token(self, runner: ModelRunner, seq: Sequence, response) -> None:
         token = response.token
@@ -443,9 +450,10 @@ class Scheduler:
         logprobs = ([token_logprob(response.logprobs, token, params.top_logprobs)]
                     if params.logprobs else None)
 
-        batch_reason = response.finish_reason  # "stop" (a stop token), "length" or None
-        finish = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}.get(batch_reason)
-        text = "" if batch_reason == "stop" else seq.detokenizer.add([token])
+        stop_token = runner.is_stop_token(seq, token)
+        finish = (FinishReason.STOP if stop_token
+                  else FinishReason.LENGTH if len(seq.generated) >= seq.max_tokens else None)
+        text = "" if stop_token else seq.detokenizer.add([token])
         if finish is not None:
             text += seq.detokenizer.flush()
         if seq.stop_matcher is not None:
@@ -461,10 +469,7 @@ class Scheduler:
         if finish is None:
             self._push(seq, delta)
             return
-        if batch_reason is not None:
-            runner.finished(response.uid, response.all_tokens, response.prompt_cache)
-        else:
-            runner.remove(seq)
+        runner.retire(seq, self.counters.steps)
         seq.status = SequenceStatus.FINISHED
         self._complete(seq, finish, delta=delta)
 

@@ -290,6 +290,38 @@ def test_prefill_gate_holds_a_lone_arrival_a_bounded_number_of_steps(tiny_model_
         eng.shutdown()
 
 
+def test_a_finished_sequence_is_delivered_at_once_and_leaves_the_batch_later(tiny_model_path):
+    """Its last token reaches the reader on the step that made it; its batch slot is released
+    with the next change of the batch, or after prefill_wait_steps; the prefix it leaves in
+    the cache holds only its own tokens, not those decoded while it waited."""
+    eng = make_engine(tiny_model_path, prompt_cache_bytes=64 * 2**20, max_batch_size=8,
+                      prefill_wait_steps=300, prefill_wait_ratio=100.0)
+    question = chat("What is MLX? " * 6, max_tokens=6, temperature=0, logprobs=True,
+                    ignore_eos=True)
+    try:
+        async def go():
+            short = asyncio.create_task(collect(eng, question))
+            running = [asyncio.create_task(collect(eng, _long(str(i)))) for i in range(2)]
+            cold = await short
+            at_finish = eng.stats()
+            await async_wait_until(lambda: eng.stats().in_batch == 2, timeout=60)
+            released = eng.stats()
+            warm = await collect(eng, question)   # joins the decoding batch from the cache
+            await _end(running)
+            return cold, at_finish, released, warm
+
+        cold, at_finish, released, warm = run(go())
+        assert cold.final.usage.completion_tokens == 6
+        assert (at_finish.running, at_finish.in_batch) == (2, 3)
+        assert released.steps - at_finish.steps >= 100   # it waited, bounded by 300 steps
+        assert warm.final.usage.cached_tokens == warm.final.usage.prompt_tokens - 1
+        assert warm.token_ids == cold.token_ids
+        assert [lp.logprob for lp in warm.logprobs] == pytest.approx(
+            [lp.logprob for lp in cold.logprobs], abs=1e-4)
+    finally:
+        eng.shutdown()
+
+
 def test_slow_reader_is_paused_and_output_unchanged(tiny_model_path):
     eng = make_engine(tiny_model_path, stream_buffer_tokens=4)
     try:
