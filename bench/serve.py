@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8077)
     p.add_argument("--chunk-interval-ms", type=float, help="override the LLMServer setting")
     p.add_argument("--max-chunks-per-s", type=float, help="override the LLMServer setting")
+    p.add_argument("--switch-interval-ms", type=float,
+                   help="override the LLMServer setting (the replica's GIL switch interval)")
     p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                    help="an engine setting for every path, e.g. prefill_batch_size=16 (YAML value)")
     p.add_argument("--engine-process", action="store_true",
@@ -140,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--engine takes KEY=VALUE, got {item!r}")
         engine_settings[key] = yaml.safe_load(value)
     settings = {k: v for k, v in (("chunk_interval_ms", args.chunk_interval_ms),
-                                  ("max_chunks_per_s", args.max_chunks_per_s)) if v is not None}
+                                  ("max_chunks_per_s", args.max_chunks_per_s),
+                                  ("switch_interval_ms", args.switch_interval_ms))
+                if v is not None}
     config = stable_config(args.model, args.max_batch_size, settings, engine_settings)
     config["applications"][0]["args"]["variants"]["stable"]["engine_process"] = args.engine_process
     levels = [(n, Workload(requests=max(16, n * args.requests_per_stream),

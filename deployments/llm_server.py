@@ -8,6 +8,7 @@ import inspect
 import logging
 import os
 import random
+import sys
 from typing import AsyncIterator
 
 import ray
@@ -65,6 +66,7 @@ class LLMServer:
     def reconfigure(self, user_config: dict) -> None:
         """Apply live settings from ``user_config`` (see ServerSettings)."""
         self.settings = ServerSettings.model_validate(user_config or {})
+        sys.setswitchinterval(self.settings.switch_interval_ms / 1000.0)
 
     def check_health(self) -> None:
         if not self.engine.is_healthy():

@@ -37,6 +37,12 @@ class ServerSettings(BaseModel):
     chunk_interval_ms: float = Field(
         default=10.0, ge=0,
         description="Least time between two chunks of one stream sent to the Router.")
+    switch_interval_ms: float = Field(
+        default=1.0, gt=0,
+        description="The replica process's GIL switch interval (sys.setswitchinterval): "
+                    "after each host sync the engine thread waits up to this long to take "
+                    "the GIL back from Serve's threads. Python's default is 5 ms; 1 ms gave "
+                    "+20% tok/s at 64 streams on an H200 (docs/BENCHMARKS.md).")
     max_chunks_per_s: float = Field(
         default=1000.0, gt=0,
         description="Chunks per second one replica sends in total; with many streams each "
