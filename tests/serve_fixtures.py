@@ -5,12 +5,15 @@ session-scoped cluster is shared by both folders."""
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -76,6 +79,27 @@ def test_config(model_path: Path, port: int, state_dir: Path) -> dict:
     return config
 
 
+def side_app_config(base: dict, name: str, prefix: str, state_dir: Path,
+                    stable: dict | None = None, **args) -> dict:
+    """An application of its own, to deploy beside the shared one (``ServeApp.beside``):
+    the shared application's args with one Router and one stable LLMServer replica (no CPUs
+    reserved), no canary variant, its own canary state, served under ``prefix``. ``stable``
+    updates the stable variant; other keywords replace entries of the args."""
+    app = copy.deepcopy(base["applications"][0])
+    app["name"], app["route_prefix"] = name, prefix
+    app.pop("deployments", None)
+    app_args = app["args"]
+    app_args["canary"] = {"state_dir": str(state_dir)}
+    app_args["router"] = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}
+    variant = app_args["variants"]["stable"]
+    variant["deployment"] = {"num_replicas": 1, "max_ongoing_requests": 16,
+                             "ray_actor_options": {"num_cpus": 0}}
+    variant.update(stable or {})
+    app_args["variants"] = {"stable": variant}
+    app_args.update(args)
+    return app
+
+
 class ServeApp:
     """The deployed application as a client sees it."""
 
@@ -135,16 +159,30 @@ class ServeApp:
                 for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith(prefix)}
 
-    def wait_ready(self, timeout: float = 180.0) -> None:
+    def wait_ready(self, url: str | None = None, timeout: float = 180.0) -> None:
+        """Until the application at ``url`` (the shared one by default) answers /ready."""
+        url = url or self.url
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
+                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise RuntimeError("the application did not become ready")
+        raise RuntimeError(f"the application at {url} did not become ready")
+
+    @contextmanager
+    def beside(self, app_config: dict) -> Iterator[str]:
+        """Deploy ``app_config`` (``side_app_config``) beside the shared application;
+        yields its URL once ready, and removes it again afterwards."""
+        self.deploy(extra_apps=[app_config])
+        try:
+            url = f"{self.url}{app_config['route_prefix']}"
+            self.wait_ready(url)
+            yield url
+        finally:
+            self.deploy()   # the shared application alone again
 
 
 @pytest.fixture(scope="session")

@@ -8,55 +8,28 @@ itself; this is the path from HTTP through the Router and the replica into the c
 
 from __future__ import annotations
 
-import copy
-
-import httpx
 import openai
 import pytest
 from ray import serve
+from serve_fixtures import side_app_config
 from support import wait_until
 
 APP = "engine-process"
 PREFIX = "/ep"
 
 
-def engine_process_app(base: dict, state_dir) -> dict:
-    app = copy.deepcopy(base["applications"][0])
-    app["name"], app["route_prefix"] = APP, PREFIX
-    app.pop("deployments", None)
-    args = app["args"]
-    args["canary"] = {"state_dir": str(state_dir)}
-    args["router"] = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}
-    stable = args["variants"]["stable"]
-    stable["engine_process"] = True
-    stable["deployment"] = {"num_replicas": 1, "max_ongoing_requests": 16,
-                            "ray_actor_options": {"num_cpus": 0}}
-    args["variants"] = {"stable": stable}
-    return app
-
-
 @pytest.fixture(scope="module")
 def url(serve_app, tmp_path_factory):
-    serve_app.deploy(extra_apps=[engine_process_app(
-        serve_app.config, tmp_path_factory.mktemp("engine-process-canary"))])
-    url = f"{serve_app.url}{PREFIX}"
-    try:
-        wait_until(lambda: _ready(url), timeout=180, interval=1.0)
+    config = side_app_config(serve_app.config, APP, PREFIX,
+                             tmp_path_factory.mktemp("engine-process-canary"),
+                             stable={"engine_process": True})
+    with serve_app.beside(config) as url:
         yield url
-    finally:
-        serve_app.deploy()   # the shared application alone again
 
 
 @pytest.fixture(scope="module")
 def replica(url):
     return serve.get_deployment_handle("LLMServer-stable", app_name=APP)
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/ready", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="module")

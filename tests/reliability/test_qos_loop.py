@@ -10,52 +10,26 @@ application runs without the monitor (its tests must not be shed), hence the sec
 
 from __future__ import annotations
 
-import copy
-
 import httpx
 import pytest
+from serve_fixtures import side_app_config
 from support import wait_until
 
 APP = "qos-loop"
 PREFIX = "/qos"
 
 
-def qos_app_config(base: dict, state_dir) -> dict:
-    app = copy.deepcopy(base["applications"][0])
-    app["name"], app["route_prefix"] = APP, PREFIX
-    app.pop("deployments", None)
-    args = app["args"]
-    args["canary"] = {"state_dir": str(state_dir)}
-    args["router"] = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}
-    stable = args["variants"]["stable"]
-    stable["deployment"] = {"num_replicas": 1, "max_ongoing_requests": 16,
-                            "ray_actor_options": {"num_cpus": 0}}
-    args["variants"] = {"stable": stable}
-    args["qos"] = {"enabled": True,
-                   "slo": {"ttft_p95_s": 0.001, "itl_p95_s": None, "error_rate": None,
-                           "window_s": 120, "min_samples": 3},
-                   "actions": {"ttft_p95": ["shed_batch", "alert"]},
-                   "recover_after_s": 600}
-    return app
-
-
 @pytest.fixture(scope="module")
 def qos_url(serve_app, tmp_path_factory):
-    serve_app.deploy(extra_apps=[qos_app_config(serve_app.config,
-                                                tmp_path_factory.mktemp("qos-canary"))])
-    url = f"{serve_app.url}{PREFIX}"
-    try:
-        wait_until(lambda: _ready(url), timeout=180, interval=1.0)
+    config = side_app_config(
+        serve_app.config, APP, PREFIX, tmp_path_factory.mktemp("qos-canary"),
+        qos={"enabled": True,
+             "slo": {"ttft_p95_s": 0.001, "itl_p95_s": None, "error_rate": None,
+                     "window_s": 120, "min_samples": 3},
+             "actions": {"ttft_p95": ["shed_batch", "alert"]},
+             "recover_after_s": 600})
+    with serve_app.beside(config) as url:
         yield url
-    finally:
-        serve_app.deploy()   # the shared application alone again
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/ready", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _complete(app, url: str, tag: str, priority: str = "interactive") -> httpx.Response:
