@@ -431,7 +431,6 @@ class Scheduler:
             return
         self.counters.steps += 1
         self.counters.prefill_steps += bool(prompt_responses)
-        self.counters.generated_tokens += len(responses)
         for response in responses:
             seq = runner.by_uid.get(response.uid)
             if seq is not None:   # None: a retired sequence's garbage token
@@ -446,6 +445,7 @@ class Scheduler:
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         seq.generated.append(token)
+        self.counters.generated_tokens += 1
         params = seq.params
         logprobs = ([token_logprob(response.logprobs, token, params.top_logprobs)]
                     if params.logprobs else None)

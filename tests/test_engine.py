@@ -322,6 +322,25 @@ def test_a_finished_sequence_is_delivered_at_once_and_leaves_the_batch_later(tin
         eng.shutdown()
 
 
+def test_tokens_decoded_for_a_retired_sequence_are_not_counted(tiny_model_path):
+    # Regression: the generated-tokens counter counted every token the batch decoded,
+    # including those of finished sequences waiting for their slot's release.
+    eng = make_engine(tiny_model_path, max_batch_size=8, prefill_wait_steps=100)
+    try:
+        before = eng.stats().generated_tokens
+
+        async def go():
+            return await asyncio.gather(
+                collect(eng, chat("short", max_tokens=4, temperature=0, ignore_eos=True)),
+                collect(eng, chat("longer", max_tokens=40, temperature=0, ignore_eos=True)))
+
+        outs = run(go())
+        assert [o.final.usage.completion_tokens for o in outs] == [4, 40]
+        assert eng.stats().generated_tokens - before == 44
+    finally:
+        eng.shutdown()
+
+
 def test_slow_reader_is_paused_and_output_unchanged(tiny_model_path):
     eng = make_engine(tiny_model_path, stream_buffer_tokens=4)
     try:

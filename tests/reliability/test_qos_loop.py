@@ -71,11 +71,17 @@ def test_an_slo_violation_sheds_batch_requests(serve_app, qos_url):
     assert int(refused.headers["retry-after"]) >= 1
     # ...interactive work is still served, and the application's metrics show the action.
     assert _complete(serve_app, qos_url, "interactive after").status_code == 200
-    metrics = httpx.get(f"{qos_url}/metrics", timeout=30).text
-    assert any(line.startswith("mlx_serving:qos_shed_batch{") and 'variant="stable"' in line
-               and line.rsplit(" ", 1)[1] in ("1", "1.0") for line in metrics.splitlines())
+    # (The RolloutController pushes its gauges to Telemetry periodically, so /metrics may
+    # show the action a push after the Routers act on it.)
+    wait_until(lambda: _shows_shedding(httpx.get(f"{qos_url}/metrics", timeout=30).text),
+               timeout=30, interval=1.0)
     # The shared application beside it is untouched.
     assert httpx.get(f"{serve_app.url}/ready", timeout=10).status_code == 200
+
+
+def _shows_shedding(metrics: str) -> bool:
+    return any(line.startswith("mlx_serving:qos_shed_batch{") and 'variant="stable"' in line
+               and line.rsplit(" ", 1)[1] in ("1", "1.0") for line in metrics.splitlines())
 
 
 def _sheds(body: dict) -> bool:
