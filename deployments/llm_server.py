@@ -99,8 +99,8 @@ class LLMServer:
                     chunk.replica, first = self.replica, False
                 last = chunk
                 yield chunk
-                if not delta.finished:
-                    await asyncio.sleep(self._chunk_interval())
+                if not delta.finished:   # coalesce, but never hold back the last chunk
+                    await stream.hold(self._chunk_interval())
         finally:
             self._active -= 1
             stream.cancel()  # a no-op when finished; frees the sequence when the client left

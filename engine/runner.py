@@ -151,13 +151,14 @@ class ModelRunner:
         seq.uid = None
         self._retired[uid] = _Retired(seq.prompt_ids + seq.generated, step)
 
-    @property
-    def num_retired(self) -> int:
-        return len(self._retired)
-
-    def retired_since(self) -> int | None:
-        """The step at which the longest-waiting retired sequence was retired."""
-        return min((r.since_step for r in self._retired.values()), default=None)
+    def release_due(self, step: int, max_wait_steps: int) -> None:
+        """Release the retired sequences if nothing live is left in the batch, or once the
+        longest-waiting one has waited ``max_wait_steps`` steps for a join to share."""
+        if not self._retired:
+            return
+        oldest = next(iter(self._retired.values()))   # retired in step order
+        if not self.by_uid or step - oldest.since_step >= max_wait_steps:
+            self.release_retired()
 
     def release_retired(self) -> None:
         """Take every retired sequence out of the batch (one filter of the batch), their

@@ -435,10 +435,7 @@ class Scheduler:
             seq = runner.by_uid.get(response.uid)
             if seq is not None:   # None: a retired sequence's garbage token
                 self._on_token(runner, seq, response)
-        since = runner.retired_since()
-        if since is not None and (not runner.by_uid
-                                  or self.counters.steps - since >= self.config.prefill_wait_steps):
-            runner.release_retired()
+        runner.release_due(self.counters.steps, self.config.prefill_wait_steps)
 
     def _on_token(self, runner: ModelRunner, seq: Sequence, response) -> None:
         token = response.token

@@ -31,6 +31,8 @@ class RequestStream:
         self._ready = asyncio.Event()
         self._finished = False   # the final delta was handed to the reader
         self._closed = False     # the caller cancelled or went away
+        self._final_pending = False  # the final delta was pushed and the reader woken
+        self._hold: asyncio.Future | None = None  # a ``hold`` in progress
         self.last_read = time.monotonic()
 
     # -- engine-thread side ------------------------------------------------------------
@@ -44,7 +46,7 @@ class RequestStream:
                 self._pending = delta
                 return True
             self._pending.merge(delta)
-            return False
+            return delta.finished  # the reader is awake, but a ``hold`` must end now
 
     @property
     def buffered_tokens(self) -> int:
@@ -58,6 +60,11 @@ class RequestStream:
 
     def _set_ready(self) -> None:
         self._ready.set()
+        pending = self._pending
+        if pending is not None and pending.finished:
+            self._final_pending = True
+            if self._hold is not None and not self._hold.done():
+                self._hold.set_result(None)
 
     # -- caller side ---------------------------------------------------------------------
     def __aiter__(self):
@@ -75,6 +82,19 @@ class RequestStream:
                 return delta
             await self._ready.wait()
         raise StopAsyncIteration
+
+    async def hold(self, seconds: float) -> None:
+        """Let deltas coalesce for up to ``seconds``; returns at once when the final delta
+        is (or becomes) pending, so a request's last chunk is never held back."""
+        if seconds <= 0 or self._final_pending:
+            return
+        self._hold = self._loop.create_future()
+        timer = self._loop.call_later(seconds, _release, self._hold)
+        try:
+            await self._hold
+        finally:
+            timer.cancel()
+            self._hold = None
 
     @property
     def finished(self) -> bool:
@@ -102,6 +122,11 @@ def wake(streams: list[RequestStream]) -> None:
         except RuntimeError:  # that caller's event loop is gone
             for stream in group:
                 stream._closed = True
+
+
+def _release(hold: asyncio.Future) -> None:
+    if not hold.done():
+        hold.set_result(None)
 
 
 def _set_all(streams: list[RequestStream]) -> None:
