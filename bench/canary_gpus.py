@@ -20,6 +20,7 @@ import asyncio
 import copy
 import json
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -30,6 +31,7 @@ from mlx_serving.bench.chaos import APP, MODEL, chaos_config, percentiles_ms, ru
 from mlx_serving.bench.engine import machine
 from mlx_serving.bench.servers import free_port
 from mlx_serving.deployments.app import server_deployment_name
+from mlx_serving.deployments.canary_cli import AdminClient
 
 OPERATOR_TOKEN = "canary-drill-" + uuid.uuid4().hex[:8]
 
@@ -106,25 +108,19 @@ async def drive(url: str, stop: asyncio.Event, concurrency: int, max_tokens: int
     return results
 
 
-def admin(url: str, method: str, path: str, body: dict | None = None) -> dict:
-    r = httpx.request(method, f"{url}{path}", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
-    r.raise_for_status()
-    return r.json()
-
-
 async def rollout_drill(url: str, plan: dict, concurrency: int, max_tokens: int,
                         timeout_s: float) -> dict:
     """Start the rollout under load; wait for it to end (or ``timeout_s``); the record."""
+    admin = AdminClient(url, OPERATOR_TOKEN, timeout=60).call
     stop = asyncio.Event()
     load = asyncio.create_task(drive(url, stop, concurrency, max_tokens))
     await asyncio.sleep(5)  # warm traffic on stable first
     started = time.monotonic()
-    await asyncio.to_thread(admin, url, "POST", "/admin/canary/start",
+    await asyncio.to_thread(admin, "POST", "/admin/canary/start",
                             {"variant": "canary", "plan": plan})
     phase = "progressing"
     while time.monotonic() - started < timeout_s:
-        status = await asyncio.to_thread(admin, url, "GET", "/admin/canary/status")
+        status = await asyncio.to_thread(admin, "GET", "/admin/canary/status")
         phase = status["rollout"]["phase"]
         if phase not in ("progressing", "paused"):
             break
@@ -133,7 +129,7 @@ async def rollout_drill(url: str, plan: dict, concurrency: int, max_tokens: int,
     await asyncio.sleep(5)  # traffic after the decision: all on stable again
     stop.set()
     results = await load
-    history = await asyncio.to_thread(admin, url, "GET", "/admin/canary/history?limit=50")
+    history = await asyncio.to_thread(admin, "GET", "/admin/canary/history?limit=50")
     rollout_id = status["rollout"]["rollout_id"]
     return {"phase": phase, "decided_after_s": round(ended, 1),
             "reason": status["rollout"].get("reason"),
@@ -174,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the record here")
     args = p.parse_args(argv)
 
-    import tempfile
     config = drill_config(args.model, stable_replicas=args.stable_replicas,
                           canary_replicas=args.canary_replicas, gpus=args.gpus_per_replica,
                           delay_ms=args.delay_ms, max_batch_size=args.max_batch_size,

@@ -31,7 +31,6 @@ class RequestStream:
         self._ready = asyncio.Event()
         self._finished = False   # the final delta was handed to the reader
         self._closed = False     # the caller cancelled or went away
-        self._final_pending = False  # the final delta was pushed and the reader woken
         self._hold: asyncio.Future | None = None  # a ``hold`` in progress
         self.last_read = time.monotonic()
 
@@ -60,11 +59,12 @@ class RequestStream:
 
     def _set_ready(self) -> None:
         self._ready.set()
+        if self._hold is not None and self._final_is_pending():
+            _release(self._hold)
+
+    def _final_is_pending(self) -> bool:
         pending = self._pending
-        if pending is not None and pending.finished:
-            self._final_pending = True
-            if self._hold is not None and not self._hold.done():
-                self._hold.set_result(None)
+        return pending is not None and pending.finished
 
     # -- caller side ---------------------------------------------------------------------
     def __aiter__(self):
@@ -86,7 +86,7 @@ class RequestStream:
     async def hold(self, seconds: float) -> None:
         """Let deltas coalesce for up to ``seconds``; returns at once when the final delta
         is (or becomes) pending, so a request's last chunk is never held back."""
-        if seconds <= 0 or self._final_pending:
+        if seconds <= 0 or self._final_is_pending():
             return
         self._hold = self._loop.create_future()
         timer = self._loop.call_later(seconds, _release, self._hold)
