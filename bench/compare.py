@@ -13,7 +13,8 @@ import statistics
 
 from mlx_serving.bench.loadgen import LoadResult, Probe, Target, Workload, run_load
 
-ENGINE_COUNTERS = ("steps", "prefill_steps", "prefill_s", "decode_s", "generated_tokens", "pauses")
+ENGINE_COUNTERS = ("steps", "prefill_steps", "prefill_s", "decode_s", "generated_tokens", "pauses",
+                   "finished", "queued_s", "ttft_s")
 
 Runs = dict[int, dict[str, list[LoadResult]]]  # concurrency -> path -> one result per repeat
 
@@ -55,13 +56,24 @@ def _engine_side(results: list[LoadResult]) -> str:
     return f"{steps_s:,.0f} / {per_step:.1f} / {passes:.0f} / {prefill:.0f}% / {pauses:.0f}"
 
 
+def _engine_ttft(results: list[LoadResult]) -> str:
+    """Medians of the engine's mean queue time and mean TTFT (from its arrival at the
+    engine); the client's TTFT less this is the serving path's share."""
+    counted = [r.counters for r in results if r.counters and r.counters["finished"]]
+    if not counted:
+        return "-"
+    queued = _median([1000 * c["queued_s"] / c["finished"] for c in counted])
+    ttft = _median([1000 * c["ttft_s"] / c["finished"] for c in counted])
+    return f"{queued:.0f} / {ttft:.0f}"
+
+
 def report(runs: Runs, names: dict[str, str]) -> str:
     """A markdown table; ``names`` gives each path's label, the first path is the baseline."""
     baseline = next(iter(names))
     lines = [f"| concurrent | path | tok/s median (min–max) | ÷ {names[baseline]} | TTFT p50 ms "
-             "| ITL p50 ms | engine steps/s / tokens per step / prefill passes / prefill time "
-             "/ pauses |",
-             "|---|---|---|---|---|---|---|"]
+             "| TTFT mean ms | engine queue / TTFT mean ms | ITL p50 ms "
+             "| engine steps/s / tokens per step / prefill passes / prefill time / pauses |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for n, by_path in runs.items():
         base = _median([r.output_tok_s for r in by_path[baseline]])
         for path, name in names.items():
@@ -71,5 +83,7 @@ def report(runs: Runs, names: dict[str, str]) -> str:
                 f"| {n} | {name} | {_median(tok_s):,.0f} ({min(tok_s):,.0f}–{max(tok_s):,.0f}) "
                 f"| {_median(tok_s) / base:.3f} "
                 f"| {_median([r.ttft_ms['p50'] for r in results]):.0f} "
+                f"| {_median([r.ttft_ms['mean'] for r in results]):.0f} "
+                f"| {_engine_ttft(results)} "
                 f"| {_median([r.itl_ms['p50'] for r in results]):.1f} | {_engine_side(results)} |")
     return "\n".join(lines)

@@ -198,7 +198,8 @@ def server_options(args: argparse.Namespace, model: str) -> ServerOptions:
     return ServerOptions(model_path=model, max_batch_size=args.max_batch_size,
                          replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
                          engine={k: yaml.safe_load(v) for k, v in args.engine},
-                         mlx_lm_args=tuple(args.mlx_lm_arg))
+                         mlx_lm_args=tuple(args.mlx_lm_arg),
+                         max_concurrency=max(args.concurrency))
 
 
 def _add(runs: dict[str, list[list[LoadResult]]], label: str, results: list[LoadResult]) -> None:

@@ -55,6 +55,9 @@ class ServerOptions:
     ``replicas`` and ``gpus_per_replica`` apply to ours (LLMServer replicas, each with
     that many GPUs in ``ray_actor_options``); ``engine`` overrides our engine settings
     and ``mlx_lm_args`` are extra command-line arguments for mlx_lm.server.
+    ``max_concurrency`` is the most requests the sweep keeps in flight: our queue bounds
+    are raised to hold them all and the QoS monitor only alerts, so that a level beyond
+    the batch queues (as it does on mlx_lm.server) instead of being refused with 429.
     """
 
     model_path: str
@@ -64,6 +67,7 @@ class ServerOptions:
     engine: dict = field(default_factory=dict)
     mlx_lm_args: tuple[str, ...] = ()
     startup_timeout_s: float = 600.0
+    max_concurrency: int | None = None
 
 
 def free_port() -> int:
@@ -149,7 +153,24 @@ def our_config(options: ServerOptions) -> dict:
         deployment["num_replicas"] = options.replicas
     if options.gpus_per_replica:
         deployment.setdefault("ray_actor_options", {})["num_gpus"] = options.gpus_per_replica
+    args = config["applications"][0]["args"]
+    # As many Routers as LLMServers, so that the ingress grows with the replicas it feeds.
+    args["router"]["num_replicas"] = max(args["router"].get("num_replicas", 1), options.replicas)
+    if options.max_concurrency:
+        _hold_the_sweep(args, options.max_concurrency)
     return config
+
+
+def _hold_the_sweep(args: dict, concurrency: int) -> None:
+    """Size the stable variant's queues to hold ``concurrency`` requests, and turn the QoS
+    monitor's latency actions into alerts: a closed-loop level above the batch size queues
+    by design, and shedding it would measure the refusals instead of the throughput."""
+    variant = args["variants"]["stable"]
+    engine, deployment = variant["engine"], variant["deployment"]
+    engine["max_waiting_requests"] = max(engine.get("max_waiting_requests", 0), concurrency)
+    deployment["max_ongoing_requests"] = max(deployment.get("max_ongoing_requests", 0),
+                                             concurrency)
+    args.setdefault("qos", {})["actions"] = {"ttft_p95": ["alert"], "itl_p95": ["alert"]}
 
 
 @contextmanager

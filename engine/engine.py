@@ -52,6 +52,9 @@ class EngineStats:
     prefill_s: float    # time in prompt processing (mlx-lm's BatchGenerator counters)
     decode_s: float     # time in decode steps
     generated_tokens: int
+    finished: int       # requests ended, for whatever reason
+    queued_s: float     # their summed time from submit to admission into the batch,
+    ttft_s: float       # and from submit to the first token (the engine's share of TTFT)
     pauses: int     # times a sequence was paused because its reader lagged
     active_memory_bytes: int
     waiting_tokens: int    # prompt tokens of the queued requests
@@ -217,6 +220,9 @@ class Engine:
             prefill_s=sum(r.batch_times()[0] for r in runners),
             decode_s=sum(r.batch_times()[1] for r in runners),
             generated_tokens=s.counters.generated_tokens,
+            finished=s.counters.finished,
+            queued_s=s.counters.queued_s,
+            ttft_s=s.counters.ttft_s,
             pauses=s.counters.paused_total,
             active_memory_bytes=mx.get_active_memory(),
             waiting_tokens=queued.tokens,

@@ -71,6 +71,8 @@ class SchedulerCounters:
     paused_total: int = 0   # slow-reader pauses
     preempted: int = 0      # batch-class sequences paused to make room for interactive ones
     expired: int = 0        # requests ended by their deadline
+    queued_s: float = 0.0   # sums over the finished requests: submit -> admitted,
+    ttft_s: float = 0.0     # and submit -> first token (those that got one)
 
 
 class Scheduler:
@@ -505,12 +507,14 @@ class Scheduler:
         delta.error, delta.error_code = error, error_code
         delta.usage = Usage(len(seq.prompt_ids), len(seq.generated), seq.cached_tokens)
         first = seq.first_token_at
-        delta.timings = Timings(
+        delta.timings = timings = Timings(
             queued_s=(seq.admitted_at or now) - seq.submitted_at,
             ttft_s=(first - seq.submitted_at) if first else 0.0,
             decode_s=(now - first) if first else 0.0,
             total_s=now - seq.submitted_at,
         )
+        self.counters.queued_s += timings.queued_s
+        self.counters.ttft_s += timings.ttft_s
         self._push(seq, delta)
 
     def _abort_all(self, message: str) -> None:

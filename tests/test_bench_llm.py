@@ -20,6 +20,8 @@ from mlx_serving.bench.servers import (ServerOptions, eos_logit_bias, mlx_lm_com
 from mlx_serving.bench.workloads import (SHAREGPT_INPUT_MEAN, SHAREGPT_OUTPUT_MEAN,
                                          SharedPrefixChat, ShareGPTLike)
 from mlx_serving.deployments.cli import build_parser
+from mlx_serving.deployments.qos import Action, Slo
+from mlx_serving.deployments.settings import AppConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -177,6 +179,24 @@ def test_server_configs_share_the_batch_size(tiny_model_path):
     cmd = mlx_lm_command(options, 1234)
     assert cmd[cmd.index("--decode-concurrency") + 1] == "64" and cmd[-2:] == ["--prompt-concurrency", "16"]
     assert eos_logit_bias(str(tiny_model_path)) == {"0": -100.0, "2": -100.0}
+
+
+def test_our_config_holds_a_sweep_beyond_the_batch(tiny_model_path):
+    """A closed-loop level of 256 streams on replicas of batch 64 queues instead of being
+    refused: the queue bounds hold it, latency SLOs only alert, and a Router per replica."""
+    options = ServerOptions(str(tiny_model_path), max_batch_size=64, replicas=4,
+                            max_concurrency=256)
+    args = our_config(options)["applications"][0]["args"]
+    config = AppConfig.model_validate(args)
+    stable = config.variants["stable"]
+    assert stable.engine.max_waiting_requests == 256
+    assert stable.deployment["max_ongoing_requests"] == 256
+    assert config.router["num_replicas"] == 4
+    assert config.qos.actions[Slo.TTFT_P95] == [Action.ALERT]
+    assert config.qos.actions[Slo.ITL_P95] == [Action.ALERT]
+    assert Action.ROLLBACK_CANARY in config.qos.actions[Slo.ERROR_RATE]  # untouched
+    shipped = our_config(ServerOptions(str(tiny_model_path)))["applications"][0]["args"]
+    assert AppConfig.model_validate(shipped).qos.actions[Slo.TTFT_P95] != [Action.ALERT]
 
 
 def test_cli_dispatches_bench_llm():

@@ -341,6 +341,26 @@ def test_tokens_decoded_for_a_retired_sequence_are_not_counted(tiny_model_path):
         eng.shutdown()
 
 
+def test_stats_sum_the_queue_time_and_ttft_of_finished_requests(tiny_model_path):
+    eng = make_engine(tiny_model_path, max_batch_size=8)
+    try:
+        before = eng.stats()
+
+        async def go():
+            return await asyncio.gather(*(collect(eng, chat(f"q{i}", max_tokens=3, ignore_eos=True))
+                                          for i in range(3)))
+
+        outs = run(go())
+        after = eng.stats()
+        assert after.finished - before.finished == 3
+        timings = [o.final.timings for o in outs]
+        assert after.queued_s - before.queued_s == pytest.approx(sum(t.queued_s for t in timings))
+        assert after.ttft_s - before.ttft_s == pytest.approx(sum(t.ttft_s for t in timings))
+        assert all(0 <= t.queued_s < t.ttft_s for t in timings)
+    finally:
+        eng.shutdown()
+
+
 def test_slow_reader_is_paused_and_output_unchanged(tiny_model_path):
     eng = make_engine(tiny_model_path, stream_buffer_tokens=4)
     try:
