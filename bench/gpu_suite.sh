@@ -10,7 +10,8 @@
 #         serve-nogate-SIZE         serve-SIZE with the prefill gate off (prefill_wait_steps=0)
 #         serve-spread[-nogate]-SIZE  serve-SIZE with output lengths spread over 64-192
 #         gpus-N                    bench llm, ours alone: N replicas of one GPU each, 8B bf16,
-#                                   32-256 streams (the multi-GPU scaling run)
+#                                   32-256 streams (the multi-GPU scaling run; GPUS_LEVELS and
+#                                   GPUS_REPEATS override the levels and the repeats)
 #         canary-gpus               the canary rollback drill, stable and canary on a GPU each
 #         process-SIZE              engine in-process vs in a child process, no Ray
 #         llm-SIZE[-q4]             mlx-serving bench llm --compare: ours vs mlx_lm.server
@@ -56,7 +57,8 @@ for step in "$@"; do
       n=${step#gpus-}
       path=$(model 8b)
       "$py" -m mlx_serving.deployments.cli bench llm --compare --servers ours --model-path "$path" \
-        --replicas "$n" --gpus-per-replica 1 --concurrency 32 64 128 256 --max-batch-size 128 \
+        --replicas "$n" --gpus-per-replica 1 --concurrency ${GPUS_LEVELS:-32 64 128 256} \
+        --repeats "${GPUS_REPEATS:-1}" --max-batch-size 128 \
         --engine prefill_batch_size=16 --no-progress --no-plots --out "$out/$step" \
         --title "$step" | tail -n 20 ;;
     canary-gpus)

@@ -44,6 +44,10 @@ class Level:
     concurrency: int
     rate: float | None = None
 
+    @property
+    def label(self) -> str:
+        return f"c={self.concurrency}" if self.rate is None else f"{self.rate:g} req/s"
+
 
 def plan_levels(args: argparse.Namespace) -> list[Level]:
     """The levels to sweep, in order."""
@@ -130,13 +134,19 @@ async def sweep_endpoint(endpoint: Endpoint, args: argparse.Namespace, levels: l
     from tqdm import tqdm
 
     results = []
+    probe = None
+    if endpoint.name == SERVER_NAMES["ours"] and args.replicas > 1:
+        from mlx_serving.bench.replicas import settled_tokens_by_replica
+
+        async def probe():   # each replica's share of the level's tokens
+            return await settled_tokens_by_replica(endpoint.url)
     async with HttpTarget(endpoint.url, endpoint.model, args.api_key,
                           max_connections=max(lv.concurrency for lv in levels) + 8,
                           extra_body=endpoint.extra_body) as target:
         for i, level in enumerate(levels):
             workload = workload_for(args, level, i)
             loads.append(await wait_quiet(args.wait_quiet))
-            label = f"c={level.concurrency}" if level.rate is None else f"{level.rate:g} req/s"
+            label = level.label
             with tqdm(total=workload.requests, desc=f"{endpoint.name} {label}", unit="req",
                       file=sys.stderr, disable=True if args.no_progress else None) as bar:
                 failed = 0
@@ -148,7 +158,7 @@ async def sweep_endpoint(endpoint: Endpoint, args: argparse.Namespace, levels: l
                     if failed:
                         bar.set_postfix(failed=failed)
 
-                r = await run_load(target, workload, level.concurrency, rate=level.rate,
+                r = await run_load(target, workload, level.concurrency, probe, rate=level.rate,
                                    on_done=done)
             results.append(r)
             print(f"{endpoint.name} {label}: {r.output_tok_s:,.1f} tok/s, TTFT p50 "
@@ -200,6 +210,23 @@ def server_options(args: argparse.Namespace, model: str) -> ServerOptions:
                          engine={k: yaml.safe_load(v) for k, v in args.engine},
                          mlx_lm_args=tuple(args.mlx_lm_arg),
                          max_concurrency=max(args.concurrency))
+
+
+def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -> list[str]:
+    """A line per server whose results carry tokens by replica: each replica's share at
+    each level (first run)."""
+    lines = []
+    for label, by_level in runs.items():
+        shares = []
+        for level, results in zip(levels, by_level):
+            counters = results[0].counters if results else None
+            total = sum(counters.values()) if counters else 0
+            if total:
+                shares.append(f"{level} " + "/".join(
+                    f"{100 * v / total:.0f}" for v in sorted(counters.values(), reverse=True)))
+        if shares:
+            lines.append(f"\n{label}, each replica's share of the tokens (%): " + "; ".join(shares))
+    return lines
 
 
 def _add(runs: dict[str, list[list[LoadResult]]], label: str, results: list[LoadResult]) -> None:
@@ -291,7 +318,7 @@ def write_outputs(out: Path, args: argparse.Namespace, record: dict,
              *(f"- load average (1/5/15 min) before each level, {label}: "
                + ", ".join("/".join(f"{x:.1f}" for x in ld) if ld else "-" for ld in lds)
                for label, lds in loads.items()),
-             "", ratio_table(runs, baseline)]
+             "", ratio_table(runs, baseline), *replica_shares(runs, [Level(**lv).label for lv in record["levels"]])]
     if not args.no_plots:
         from mlx_serving.bench.plots import plot_sweep
 

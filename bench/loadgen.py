@@ -399,7 +399,7 @@ async def run_load(target: Target, workload: WorkloadLike, concurrency: int,
     result = LoadResult.from_records(concurrency, records, time.perf_counter() - start, rate)
     if probe:
         after = await probe()
-        result.counters = {k: after[k] - before[k] for k in after}
+        result.counters = {k: after[k] - before.get(k, 0) for k in after}
     return result
 
 

@@ -128,7 +128,7 @@ def parse_tokens_by_replica(metrics: str) -> dict[str, float]:
     return out
 
 
-async def _settled_tokens(url: str, previous: dict[str, float] | None = None,
+async def settled_tokens_by_replica(url: str, previous: dict[str, float] | None = None,
                           wait_s: float = 3.0) -> dict[str, float]:
     """The per-replica token counters once they stop moving (Telemetry gets them each second)."""
     await asyncio.sleep(wait_s)
@@ -143,9 +143,9 @@ async def _settled_tokens(url: str, previous: dict[str, float] | None = None,
 async def measure(url: str, replicas: int, streams: int, workload: Workload) -> ScalingRun:
     async with HttpTarget(url, MODEL, max_connections=streams + 8) as http:
         await run_load(http, Workload(requests=streams, warmup=0, seed=99, max_tokens=8), streams)
-        before = await _settled_tokens(url)
+        before = await settled_tokens_by_replica(url)
         load = await run_load(http, workload, streams)
-        after = await _settled_tokens(url, before)
+        after = await settled_tokens_by_replica(url, before)
     delta = {r: after[r] - before.get(r, 0.0) for r in after}
     return ScalingRun(replicas, streams, load, delta)
 

@@ -55,8 +55,8 @@ class LLMServer:
         self.replica = replica_id()
         self._active = 0
         self._directive = (1.0, False)  # (admission scale, shed batch) applied to the engine
-        log.info("LLMServer %s (%s) ready; OpenBLAS preloaded: %s", self.replica, variant,
-                 is_preloaded())
+        log.info("LLMServer %s (%s) ready; GPUs %s; OpenBLAS preloaded: %s", self.replica,
+                 variant, ray.get_gpu_ids(), is_preloaded())
         self._reporter = None
         if telemetry is not None:
             registry = CollectorRegistry(auto_describe=False)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlx_serving.bench.crosscheck import load_result, scenario
+from mlx_serving.bench.llm import replica_shares
 from mlx_serving.bench.llm import main as bench_main
 from mlx_serving.bench.loadgen import (LoadResult, RequestSpec, Usage, Workload, arrival_times,
                                        run_load)
@@ -141,6 +142,14 @@ def test_ratio_table_divides_median_runs_by_the_baseline():
     ours_1 = next(line for line in lines if line.startswith("| 1 | ours"))
     assert "| 20.0 (15.0–25.0) | 2.00 |" in ours_1
     assert "| 0.50 |" in next(line for line in lines if line.startswith("| 8 | ours"))
+
+
+def test_report_gives_each_replicas_share_of_the_tokens():
+    runs = {"mlx-serving": [[result(32, 100.0, counters={"a": 300.0, "b": 100.0})],
+                            [result(64, 200.0, counters={"a": 50.0, "b": 50.0})]],
+            "mlx_lm.server": [[result(32, 90.0)], [result(64, 90.0)]]}
+    assert replica_shares(runs, ["c=32", "c=64"]) == [
+        "\nmlx-serving, each replica's share of the tokens (%): c=32 75/25; c=64 50/50"]
 
 
 def test_guidellm_report_is_read_as_a_load_result():
