@@ -229,6 +229,9 @@ def test_health_ready_metrics(serve_app, client):
     assert "mlx_serving:time_to_first_token_seconds_bucket" in text
     assert "mlx_serving:num_requests_running" in text
     assert "mlx_serving:engine_pauses_total" in text
+    assert serve_app.metric("mlx_serving:requests_finished_total") >= 1
+    assert serve_app.metric("mlx_serving:request_engine_ttft_seconds_total") > 0
+    assert "mlx_serving:request_queue_seconds_total" in text
 
 
 def test_metrics_cover_every_replica(serve_app, client):
@@ -246,20 +249,13 @@ def test_metrics_cover_every_replica(serve_app, client):
     assert len(live) == 2
 
 
-def _metric_total(serve_app, name: str) -> float:
-    """A metric summed over every label set, from the application's /metrics."""
-    text = httpx.get(f"{serve_app.url}/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{"))
-
-
 def test_prompt_tokens_metric_counts_a_prompt_once_for_n_choices(serve_app, client):
     """Regression: with n=2 the prompt was counted once per choice."""
     time.sleep(2.5)  # earlier requests' counts have reached the merged view
-    before = _metric_total(serve_app, "mlx_serving:prompt_tokens_total")
+    before = serve_app.metric("mlx_serving:prompt_tokens_total")
     out = client.completions.create(model="demo", prompt="count me once", max_tokens=2, n=2)
     time.sleep(2.5)  # replicas push their registries every second
-    after = _metric_total(serve_app, "mlx_serving:prompt_tokens_total")
+    after = serve_app.metric("mlx_serving:prompt_tokens_total")
     assert out.usage.prompt_tokens > 0 and after - before == out.usage.prompt_tokens
 
 
