@@ -136,10 +136,10 @@ async def sweep_endpoint(endpoint: Endpoint, args: argparse.Namespace, levels: l
     results = []
     probe = None
     if endpoint.name == SERVER_NAMES["ours"] and args.replicas > 1:
-        from mlx_serving.bench.replicas import settled_tokens_by_replica
+        from mlx_serving.bench.replicas import STEPS, TOKENS, settled_counters_by_replica
 
-        async def probe():   # each replica's share of the level's tokens
-            return await settled_tokens_by_replica(endpoint.url)
+        async def probe():   # each replica's tokens and engine steps over the level
+            return await settled_counters_by_replica(endpoint.url, names=(TOKENS, STEPS))
     async with HttpTarget(endpoint.url, endpoint.model, args.api_key,
                           max_connections=max(lv.concurrency for lv in levels) + 8,
                           extra_body=endpoint.extra_body) as target:
@@ -213,19 +213,31 @@ def server_options(args: argparse.Namespace, model: str) -> ServerOptions:
 
 
 def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -> list[str]:
-    """A line per server whose results carry tokens by replica: each replica's share at
-    each level (first run)."""
+    """A line per server whose results carry counters by replica: at each level (first
+    run), each replica's share of the tokens, its engine steps per second and its tokens
+    per step, busiest replica first."""
+    from mlx_serving.bench.replicas import STEPS, TOKENS
+
     lines = []
     for label, by_level in runs.items():
-        shares = []
+        parts = []
         for level, results in zip(levels, by_level):
-            counters = results[0].counters if results else None
-            total = sum(counters.values()) if counters else 0
-            if total:
-                shares.append(f"{level} " + "/".join(
-                    f"{100 * v / total:.0f}" for v in sorted(counters.values(), reverse=True)))
-        if shares:
-            lines.append(f"\n{label}, each replica's share of the tokens (%): " + "; ".join(shares))
+            r = results[0] if results else None
+            counters = (r.counters or {}) if r else {}
+            tokens = {k.split("@", 1)[1]: v for k, v in counters.items()
+                      if k.startswith(TOKENS + "@")}
+            total = sum(tokens.values())
+            if not total:
+                continue
+            order = sorted(tokens, key=tokens.get, reverse=True)
+            steps = [counters.get(f"{STEPS}@{rep}", 0.0) for rep in order]
+            shares = "/".join(f"{100 * tokens[rep] / total:.0f}%" for rep in order)
+            rates = "/".join(f"{n / r.duration_s:.0f}" for n in steps)
+            per_step = "/".join(f"{tokens[rep] / n:.1f}" if n else "-"
+                                for rep, n in zip(order, steps))
+            parts.append(f"{level}: tokens {shares}, steps/s {rates}, tokens per step {per_step}")
+        if parts:
+            lines.append(f"\n{label}, by replica (busiest first): " + "; ".join(parts))
     return lines
 
 

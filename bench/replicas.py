@@ -40,7 +40,7 @@ from mlx_serving.bench.servers import (ServerOptions, deploy, free_port, our_con
                                       server_env, wait_ready)
 
 MODEL = "bench"  # the name our_config serves the model under
-_TOKENS = re.compile(r'^mlx_serving:engine_generation_tokens_total\{(?P<labels>[^}]*)\}\s+(\S+)$')
+_SAMPLE = re.compile(r'^(?P<name>[\w:]+)\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$')
 _REPLICA = re.compile(r'replica="([^"]*)"')
 
 
@@ -111,41 +111,56 @@ def deploy_and_wait(config: dict, cluster, timeout_s: float = 600.0) -> str:
     return url
 
 
-def tokens_by_replica(url: str) -> dict[str, float]:
-    """Tokens each LLMServer replica has generated, from the application's /metrics."""
-    return parse_tokens_by_replica(httpx.get(f"{url}/metrics", timeout=30).text)
+TOKENS = "mlx_serving:engine_generation_tokens_total"
+STEPS = "mlx_serving:engine_steps_total"
+
+
+def counters_by_replica(url: str, names: tuple[str, ...] = (TOKENS,)) -> dict[str, float]:
+    """The counters ``names`` of each LLMServer replica, from the application's /metrics;
+    keys are the replica ids for one name, else ``name@replica``."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    if len(names) == 1:
+        return parse_by_replica(text, names[0])
+    return {f"{name}@{replica}": value for name in names
+            for replica, value in parse_by_replica(text, name).items()}
 
 
 def parse_tokens_by_replica(metrics: str) -> dict[str, float]:
     """``mlx_serving:engine_generation_tokens_total`` summed by replica label."""
+    return parse_by_replica(metrics, TOKENS)
+
+
+def parse_by_replica(metrics: str, name: str) -> dict[str, float]:
+    """The samples of the metric ``name`` summed by replica label."""
     out: dict[str, float] = {}
     for line in metrics.splitlines():
-        m = _TOKENS.match(line)
-        if m:
+        m = _SAMPLE.match(line)
+        if m and m["name"] == name:
             replica = _REPLICA.search(m["labels"])
             if replica:
-                out[replica[1]] = out.get(replica[1], 0.0) + float(m[2])
+                out[replica[1]] = out.get(replica[1], 0.0) + float(m["value"])
     return out
 
 
-async def settled_tokens_by_replica(url: str, previous: dict[str, float] | None = None,
-                          wait_s: float = 3.0) -> dict[str, float]:
-    """The per-replica token counters once they stop moving (Telemetry gets them each second)."""
+async def settled_counters_by_replica(url: str, previous: dict[str, float] | None = None,
+                                      names: tuple[str, ...] = (TOKENS,),
+                                      wait_s: float = 3.0) -> dict[str, float]:
+    """``counters_by_replica`` once they stop moving (Telemetry gets them each second)."""
     await asyncio.sleep(wait_s)
-    current = await asyncio.to_thread(tokens_by_replica, url)
+    current = await asyncio.to_thread(counters_by_replica, url, names)
     while current != previous:
         previous = current
         await asyncio.sleep(wait_s)
-        current = await asyncio.to_thread(tokens_by_replica, url)
+        current = await asyncio.to_thread(counters_by_replica, url, names)
     return current
 
 
 async def measure(url: str, replicas: int, streams: int, workload: Workload) -> ScalingRun:
     async with HttpTarget(url, MODEL, max_connections=streams + 8) as http:
         await run_load(http, Workload(requests=streams, warmup=0, seed=99, max_tokens=8), streams)
-        before = await settled_tokens_by_replica(url)
+        before = await settled_counters_by_replica(url)
         load = await run_load(http, workload, streams)
-        after = await settled_tokens_by_replica(url, before)
+        after = await settled_counters_by_replica(url, before)
     delta = {r: after[r] - before.get(r, 0.0) for r in after}
     return ScalingRun(replicas, streams, load, delta)
 

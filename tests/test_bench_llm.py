@@ -144,12 +144,15 @@ def test_ratio_table_divides_median_runs_by_the_baseline():
     assert "| 0.50 |" in next(line for line in lines if line.startswith("| 8 | ours"))
 
 
-def test_report_gives_each_replicas_share_of_the_tokens():
-    runs = {"mlx-serving": [[result(32, 100.0, counters={"a": 300.0, "b": 100.0})],
-                            [result(64, 200.0, counters={"a": 50.0, "b": 50.0})]],
+def test_report_gives_each_replicas_share_of_the_tokens_and_its_step_rate():
+    t, st = "mlx_serving:engine_generation_tokens_total", "mlx_serving:engine_steps_total"
+    runs = {"mlx-serving": [[result(32, 100.0, counters={f"{t}@a": 100.0, f"{t}@b": 300.0,
+                                                         f"{st}@a": 10.0, f"{st}@b": 20.0})],
+                            [result(64, 200.0)]],
             "mlx_lm.server": [[result(32, 90.0)], [result(64, 90.0)]]}
     assert replica_shares(runs, ["c=32", "c=64"]) == [
-        "\nmlx-serving, each replica's share of the tokens (%): c=32 75/25; c=64 50/50"]
+        "\nmlx-serving, by replica (busiest first): "
+        "c=32: tokens 75%/25%, steps/s 20/10, tokens per step 15.0/10.0"]
 
 
 def test_guidellm_report_is_read_as_a_load_result():

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from mlx_serving.bench.loadgen import LoadResult
-from mlx_serving.bench.replicas import ScalingRun, parse_tokens_by_replica, report, scaling_config
+from mlx_serving.bench.replicas import (STEPS, ScalingRun, parse_by_replica,
+                                         parse_tokens_by_replica, report, scaling_config)
 
 
 def test_one_replica_per_node_with_the_node_resource(tmp_path):
@@ -28,6 +29,7 @@ def test_tokens_are_summed_by_replica():
         'mlx_serving:engine_steps_total{replica="a",variant="stable"} 7.0',
     ])
     assert parse_tokens_by_replica(text) == {"a": 105.0, "b": 60.0}
+    assert parse_by_replica(text, STEPS) == {"a": 7.0}
 
 
 def test_table_gives_efficiency_against_one_replica_and_the_spread():
