@@ -107,7 +107,6 @@ class App:
                    if line.startswith(name + "{") or line.startswith(name + " "))
 
 
-
 @contextmanager
 def running_app(config: dict, port: int) -> Iterator[App]:
     """``config`` deployed by ``serve run`` onto a Ray started here (loopback only); yields

@@ -58,7 +58,8 @@ def _engine_side(results: list[LoadResult]) -> str:
 
 def _engine_ttft(results: list[LoadResult]) -> str:
     """Medians of the engine's mean queue time and mean TTFT (from its arrival at the
-    engine); the client's TTFT less this is the serving path's share."""
+    engine; a request ended before its first token counts 0); the client's TTFT less this
+    is the serving path's share."""
     counted = [r.counters for r in results if r.counters and r.counters["finished"]]
     if not counted:
         return "-"

@@ -330,7 +330,8 @@ def write_outputs(out: Path, args: argparse.Namespace, record: dict,
              *(f"- load average (1/5/15 min) before each level, {label}: "
                + ", ".join("/".join(f"{x:.1f}" for x in ld) if ld else "-" for ld in lds)
                for label, lds in loads.items()),
-             "", ratio_table(runs, baseline), *replica_shares(runs, [Level(**lv).label for lv in record["levels"]])]
+             "", ratio_table(runs, baseline),
+             *replica_shares(runs, [Level(**lv).label for lv in record["levels"]])]
     if not args.no_plots:
         from mlx_serving.bench.plots import plot_sweep
 

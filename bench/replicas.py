@@ -116,18 +116,11 @@ STEPS = "mlx_serving:engine_steps_total"
 
 
 def counters_by_replica(url: str, names: tuple[str, ...] = (TOKENS,)) -> dict[str, float]:
-    """The counters ``names`` of each LLMServer replica, from the application's /metrics;
-    keys are the replica ids for one name, else ``name@replica``."""
+    """The counters ``names`` of each LLMServer replica, from the application's /metrics,
+    keyed ``name@replica``."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    if len(names) == 1:
-        return parse_by_replica(text, names[0])
     return {f"{name}@{replica}": value for name in names
             for replica, value in parse_by_replica(text, name).items()}
-
-
-def parse_tokens_by_replica(metrics: str) -> dict[str, float]:
-    """``mlx_serving:engine_generation_tokens_total`` summed by replica label."""
-    return parse_by_replica(metrics, TOKENS)
 
 
 def parse_by_replica(metrics: str, name: str) -> dict[str, float]:
@@ -161,7 +154,7 @@ async def measure(url: str, replicas: int, streams: int, workload: Workload) -> 
         before = await settled_counters_by_replica(url)
         load = await run_load(http, workload, streams)
         after = await settled_counters_by_replica(url, before)
-    delta = {r: after[r] - before.get(r, 0.0) for r in after}
+    delta = {k.split("@", 1)[1]: after[k] - before.get(k, 0.0) for k in after}
     return ScalingRun(replicas, streams, load, delta)
 
 

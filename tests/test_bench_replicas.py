@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from mlx_serving.bench.loadgen import LoadResult
-from mlx_serving.bench.replicas import (STEPS, ScalingRun, parse_by_replica,
-                                         parse_tokens_by_replica, report, scaling_config)
+from mlx_serving.bench.replicas import (STEPS, TOKENS, ScalingRun, parse_by_replica, report,
+                                         scaling_config)
 
 
 def test_one_replica_per_node_with_the_node_resource(tmp_path):
@@ -28,7 +28,7 @@ def test_tokens_are_summed_by_replica():
         'mlx_serving:engine_generation_tokens_total{replica="a",variant="canary"} 5.0',
         'mlx_serving:engine_steps_total{replica="a",variant="stable"} 7.0',
     ])
-    assert parse_tokens_by_replica(text) == {"a": 105.0, "b": 60.0}
+    assert parse_by_replica(text, TOKENS) == {"a": 105.0, "b": 60.0}
     assert parse_by_replica(text, STEPS) == {"a": 7.0}
 
 

@@ -240,6 +240,13 @@ def _long(tag: str):
     return chat(f"long {tag}", max_tokens=100_000, temperature=0, ignore_eos=True)
 
 
+async def _start_long(eng, n: int = 2) -> list[asyncio.Task]:
+    """``n`` endless sequences, once all of them decode."""
+    tasks = [asyncio.create_task(collect(eng, _long(str(i)))) for i in range(n)]
+    await async_wait_until(lambda: eng.stats().running == n)
+    return tasks
+
+
 async def _end(tasks) -> None:
     for task in tasks:
         task.cancel()
@@ -251,8 +258,7 @@ def test_prefill_gate_holds_an_arrival_until_another_joins_it(tiny_model_path):
                       prefill_wait_ratio=1.0)
     try:
         async def go():
-            running = [asyncio.create_task(collect(eng, _long(str(i)))) for i in range(2)]
-            await async_wait_until(lambda: eng.stats().running == 2)
+            running = await _start_long(eng)
             first = asyncio.create_task(collect(eng, chat("first", max_tokens=3)))
             await async_wait_until(lambda: eng.stats().waiting == 1)
             steps = eng.stats().steps
@@ -276,8 +282,7 @@ def test_prefill_gate_holds_a_lone_arrival_a_bounded_number_of_steps(tiny_model_
                       prefill_wait_ratio=100.0)
     try:
         async def go():
-            running = [asyncio.create_task(collect(eng, _long(str(i)))) for i in range(2)]
-            await async_wait_until(lambda: eng.stats().running == 2)
+            running = await _start_long(eng)
             out = await collect(eng, chat("alone", max_tokens=3))
             still_running = eng.stats().running
             await _end(running)
