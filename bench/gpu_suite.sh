@@ -9,11 +9,13 @@
 #         serve-process-SIZE        the same with the replica's engine in a child process
 #         serve-nogate-SIZE         serve-SIZE with the prefill gate off (prefill_wait_steps=0)
 #         serve-spread[-nogate]-SIZE  serve-SIZE with output lengths spread over 64-192
-#         serve-spread-cache-SIZE   ... with MLX's cuDNN SDPA and CUDA-graph caches at 1024
-#         serve-spread-nocudnn-SIZE ... with MLX_CUDA_USE_CUDNN_SDPA=0 (no per-shape graphs)
+#         serve-spread-cudnn-SIZE   ... with cuDNN attention on (cudnn_attention: true; a graph
+#                                   per new prompt shape)
+#         serve-spread-cache-SIZE   ... cuDNN attention on, its graph and CUDA-graph caches 1024
 #                                   (serve-nogate/spread steps: SERVE_LEVELS overrides the
-#                                   levels; MLX_ENABLE_CACHE_THRASHING_CHECK=1 reports
-#                                   thrashing caches in STEP.err)
+#                                   levels, SERVE_ARGS adds bench.serve flags, e.g.
+#                                   "--switch-interval-ms 0.2"; MLX_ENABLE_CACHE_THRASHING_CHECK=1
+#                                   reports thrashing caches in STEP.err)
 #         gpus-N                    bench llm, ours alone: N replicas of one GPU each, 8B bf16,
 #                                   32-256 streams (the multi-GPU scaling run; GPUS_LEVELS and
 #                                   GPUS_REPEATS override the levels and the repeats)
@@ -55,12 +57,12 @@ for step in "$@"; do
       spec=${step#serve-}; flags=(); envs=(MLX_ENABLE_CACHE_THRASHING_CHECK=1)
       [[ $spec == spread-* ]] && { spec=${spec#spread-}; flags+=(--max-tokens-spread 0.5); }
       [[ $spec == nogate-* ]] && { spec=${spec#nogate-}; flags+=(--engine prefill_wait_steps=0); }
-      [[ $spec == cache-* ]] && { spec=${spec#cache-}
+      [[ $spec == cache-* ]] && { spec=cudnn-${spec#cache-}
         envs+=(MLX_CUDA_SDPA_CACHE_SIZE=1024 MLX_CUDA_GRAPH_CACHE_SIZE=1024); }
-      [[ $spec == nocudnn-* ]] && { spec=${spec#nocudnn-}; envs+=(MLX_CUDA_USE_CUDNN_SDPA=0); }
+      [[ $spec == cudnn-* ]] && { spec=${spec#cudnn-}; flags+=(--engine cudnn_attention=true); }
       path=$(model "$spec")
       env "${envs[@]}" "$py" -m mlx_serving.bench.serve --model "$path" \
-        --concurrency ${SERVE_LEVELS:-1 8 32 64} --max-batch-size 64 "${flags[@]}" \
+        --concurrency ${SERVE_LEVELS:-1 8 32 64} --max-batch-size 64 "${flags[@]}" ${SERVE_ARGS:-} \
         --json "$out/$step.json" 2> >(tee "$out/$step.err" >&2) | tee "$out/$step.md" ;;
     gpus-*)
       n=${step#gpus-}

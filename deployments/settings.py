@@ -44,9 +44,12 @@ class ServerSettings(BaseModel):
                     "the GIL back from Serve's threads. Python's default is 5 ms; 1 ms gave "
                     "+20% tok/s at 64 streams on an H200 (docs/BENCHMARKS.md).")
     max_chunks_per_s: float = Field(
-        default=1000.0, gt=0,
+        default=300.0, gt=0,
         description="Chunks per second one replica sends in total; with many streams each "
-                    "stream's interval grows so Ray's streaming path is not saturated.")
+                    "stream's interval grows (32 streams: one chunk per ~107 ms), because every "
+                    "chunk costs Serve work in the replica process that slows the engine's "
+                    "steps. 300 against 1000 gave +10% tok/s at 32 streams on an H100 "
+                    "(docs/BENCHMARKS.md).")
 
 
 class VariantConfig(BaseModel):

@@ -63,6 +63,12 @@ class EngineConfig(BaseModel):
     stalled_reader_timeout_s: float = Field(
         default=60.0, gt=0,
         description="A paused request whose reader has not read for this long ends with an error.")
+    cudnn_attention: bool = Field(
+        default=False,
+        description="CUDA only: prompt passes use cuDNN's fused attention, which builds a graph "
+                    "per new (batch, length) shape on the engine thread. Off: MLX's own kernels, "
+                    "no per-shape cost. Per process; MLX_CUDA_USE_CUDNN_SDPA in the "
+                    "environment overrides it.")
 
     @model_validator(mode="after")
     def _unique_names(self):

@@ -23,6 +23,7 @@ import mlx.core as mx
 
 from mlx_serving.engine.admission import AdmissionSettings
 from mlx_serving.engine.config import EngineConfig, ModelConfig
+from mlx_serving.engine.cuda_backend import choose_cudnn_attention
 from mlx_serving.engine.errors import EngineClosedError, InvalidRequestError, ModelNotFoundError
 from mlx_serving.engine.model import LoadedModel, ModelInfo, pick_model
 from mlx_serving.engine.outputs import RequestOutput
@@ -95,6 +96,7 @@ class Engine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
+        choose_cudnn_attention(config.cudnn_attention)  # before any model runs
         budget = config.kv_memory_bytes or int(default_memory_bytes() * config.kv_memory_fraction)
         self._scheduler = Scheduler(config, budget)
         self._models: dict[str, LoadedModel] = {}

@@ -1,0 +1,36 @@
+"""Choices the engine makes for MLX's CUDA backend.
+
+MLX runs prompt-pass attention on CUDA through cuDNN's fused kernel and builds one cuDNN
+graph per distinct shape (batch size, prompt length, mask, strides): 10–30 ms on the
+engine thread each time a new shape appears. A served engine sees a new (batch, length)
+pair at nearly every prompt pass, so it keeps paying for graphs; MLX's own attention
+kernels need no per-shape build and were as fast or faster for batched prompt passes on an
+H100 (docs/BENCHMARKS.md, run 7). On Metal and CPU nothing here applies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+CUDNN_SDPA_ENV = "MLX_CUDA_USE_CUDNN_SDPA"
+
+
+def choose_cudnn_attention(enabled: bool) -> bool:
+    """Tell MLX whether to use cuDNN's fused attention; returns the choice in force.
+
+    MLX reads ``MLX_CUDA_USE_CUDNN_SDPA`` once per process, at its first attention call on
+    the GPU, so this must run before any model does. A value already in the environment
+    (the operator's) wins over ``enabled``.
+    """
+    wanted = "1" if enabled else "0"
+    current = os.environ.get(CUDNN_SDPA_ENV)
+    if current is None:
+        os.environ[CUDNN_SDPA_ENV] = wanted
+        return enabled
+    if current != wanted:
+        log.warning("%s=%s is set in the environment; it overrides the engine setting "
+                    "cudnn_attention=%s", CUDNN_SDPA_ENV, current, enabled)
+    return current != "0"
