@@ -20,7 +20,7 @@ import random
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import httpx
@@ -243,6 +243,7 @@ class _Record:
     tokens: int = 0
     prompt_tokens: int | None = None
     error: str | None = None
+    error_detail: str = ""
 
 
 Done = Callable[[_Record], None]  # told of each request as it ends
@@ -264,6 +265,7 @@ async def _measure(target: Target, spec: RequestSpec, done: Done | None = None) 
             record.error = "no_tokens"
     except Exception as exc:  # a failed request is a data point, never the end of the run
         record.error = exc.kind if isinstance(exc, RequestError) else type(exc).__name__
+        record.error_detail = str(exc)[:300]
     record.end = time.perf_counter()
     if done:
         done(record)
@@ -327,7 +329,8 @@ class LoadResult:
     latency is (last chunk - first chunk) / (tokens - 1), so the ``itl_ms`` percentiles are
     over per-request means (chunks may carry several tokens, hiding the gaps within them;
     ``vllm bench serve`` calls this TPOT). ``rate`` is the offered request rate of an
-    open-loop level (None: closed loop). ``requests_short`` counts successful responses
+    open-loop level (None: closed loop). ``error_examples`` keeps the first message of each
+    error kind. ``requests_short`` counts successful responses
     with fewer tokens than asked (an EOS the server did not ignore): a fair comparison
     has none. ``input_tokens`` totals the prompt tokens servers reported (None if none did).
     """
@@ -347,6 +350,7 @@ class LoadResult:
     rate: float | None = None
     requests_short: int = 0
     input_tokens: int | None = None
+    error_examples: dict[str, str] = field(default_factory=dict)  # the first of each kind
 
     @classmethod
     def from_records(cls, concurrency: int, records: list[_Record], duration_s: float,
@@ -364,7 +368,8 @@ class LoadResult:
                              ("p50", "p99", "mean")),
             e2e_ms=_stats_ms([r.end - r.start for r in ok], ("p50", "p90", "p99")),
             rate=rate, requests_short=sum(r.tokens < r.asked for r in ok),
-            input_tokens=sum(prompts) if prompts else None)
+            input_tokens=sum(prompts) if prompts else None,
+            error_examples={r.error: r.error_detail for r in reversed(records) if r.error})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -56,7 +56,7 @@ class LLMServer:
         self._active = 0
         self._directive = (1.0, False)  # (admission scale, shed batch) applied to the engine
         log.info("LLMServer %s (%s) ready; GPUs %s; OpenBLAS preloaded: %s", self.replica,
-                 variant, ray.get_gpu_ids(), is_preloaded())
+                 variant, _gpu_ids(), is_preloaded())
         self._reporter = None
         if telemetry is not None:
             registry = CollectorRegistry(auto_describe=False)
@@ -149,7 +149,7 @@ class LLMServer:
         """Where this replica runs: its process and the engine's, its GPUs, its models."""
         engine_pid = self.engine.pid if isinstance(self.engine, EngineProcess) else os.getpid()
         return {"replica": self.replica, "variant": self.variant, "pid": os.getpid(),
-                "engine_pid": engine_pid, "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "engine_pid": engine_pid, "gpu_ids": _gpu_ids(),
                 "openblas_preloaded": is_preloaded(),
                 "models": self.models()}
 
@@ -174,6 +174,11 @@ class LLMServer:
 
 
 _NORMAL = {"admission_scale": 1.0, "shed_batch": False}
+
+
+def _gpu_ids() -> list[str]:
+    """The GPUs Ray gave this replica (none outside Ray: asking would start a local Ray)."""
+    return [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
 
 
 def _to_chunk(delta: RequestOutput, tokenizer) -> Chunk:

@@ -23,6 +23,7 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
+from mlx_serving.deployments.catalog import ModelCatalog
 from mlx_serving.deployments.circuit import CircuitBreaker, CircuitState
 from mlx_serving.deployments.errors import (
     HTTPError, bad_request, ended_with_error, to_http_error)
@@ -60,7 +61,6 @@ async def _openai_shaped_http_error(request: Request, exc: StarletteHTTPExceptio
     return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
 
 
-_MODELS_TTL_S = 5.0
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
@@ -244,7 +244,7 @@ class Router:
         self._metrics = _Metrics(self._replica)
         self._active: dict[str, ActiveStream] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
-        self._models: dict[str, tuple[float, list[dict]]] = {}
+        self._catalog = ModelCatalog(servers)
         self._reporter = None
         if telemetry is not None:
             self._reporter = Reporter(telemetry, f"router:{self._replica}", self._metrics.registry,
@@ -312,23 +312,13 @@ class Router:
                 msg = f"unrecognized request field {param!r}"
             raise bad_request(f"{param + ': ' if param else ''}{msg}", param) from None
 
-    async def _served_models(self, variant: str) -> list[dict]:
-        at, models = self._models.get(variant, (0.0, []))
-        if time.monotonic() - at > _MODELS_TTL_S or not models:
-            models = await self._servers[variant].models.remote()
-            self._models[variant] = (time.monotonic(), models)
-        return models
-
-    async def _served_names(self, variant: str) -> list[str]:
-        return [m["id"] for m in await self._served_models(variant)]
-
     async def _resolve(self, model: str, key: str = "") -> tuple[Route, str]:
         """The route for a request (sticky ``key``) and the model name it asks for."""
         route = self._traffic.route(key)
-        if model in await self._served_names(route.variant):
+        if model in await self._catalog.names(route.variant):
             return route, model
         stable = self._traffic.table["stable"]
-        names = await self._served_names(stable)
+        names = await self._catalog.require(stable)
         if route.variant != stable and model in names:
             return Route(stable, None, route.epoch), model  # the canary lacks it: no sample
         raise HTTPError(404, f"the model {model!r} does not exist; served: {names}",
@@ -606,7 +596,7 @@ class Router:
     async def list_models(self, request: Request) -> Response:
         try:
             self._check_api_key(request)
-            models = await self._served_models(self._traffic.table["stable"])
+            models = await self._catalog.models(self._traffic.table["stable"])
         except Exception as exc:
             return error_response(exc)
         cards = [ModelCard(id=m["id"], max_model_len=m["max_model_len"]) for m in models]
@@ -615,7 +605,7 @@ class Router:
     async def _variant_for(self, model: str | None) -> tuple[str, str | None]:
         """Tokenizer requests go to the stable variant."""
         stable = self._traffic.table["stable"]
-        if model is not None and model not in await self._served_names(stable):
+        if model is not None and model not in await self._catalog.require(stable):
             raise HTTPError(404, f"the model {model!r} does not exist", type="not_found_error",
                             param="model", code="model_not_found")
         return stable, model

@@ -138,6 +138,9 @@ def test_http_errors_are_counted_not_raised(server):
 
     assert result.errors == {"http_500": 1, "sse_error_engine_error": 1}
     assert (result.requests_ok, result.requests_failed) == (4, 2)
+    # What the server said comes with each kind, so a failed run can be diagnosed.
+    assert set(result.error_examples) == set(result.errors)
+    assert result.error_examples["http_500"].startswith("http_500: ")
     assert result.output_tokens == 4 * TOKENS
 
 
