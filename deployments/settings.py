@@ -48,8 +48,8 @@ class ServerSettings(BaseModel):
         description="Chunks per second one replica sends in total; with many streams each "
                     "stream's interval grows (32 streams: one chunk per ~107 ms), because every "
                     "chunk costs Serve work in the replica process that slows the engine's "
-                    "steps. 300 against 1000 gave +10% tok/s at 32 streams on an H100 "
-                    "(docs/BENCHMARKS.md).")
+                    "steps. 300 against 1000 raised served ÷ in-process throughput by 6–14% at "
+                    "32–64 streams on an H100 (docs/BENCHMARKS.md, run 7).")
 
 
 class VariantConfig(BaseModel):
