@@ -26,6 +26,7 @@ from mlx_lm import load
 from mlx_lm.generate import BatchGenerator, generate_step
 
 from mlx_serving.engine import Engine, EngineConfig, GenerationRequest, ModelConfig, SamplingParams
+from mlx_serving.engine.blas import ensure_preloaded
 
 
 @dataclass
@@ -167,4 +168,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    ensure_preloaded()   # the BLAS that `make` and the Serve replicas use
     sys.exit(main())

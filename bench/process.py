@@ -23,6 +23,7 @@ from mlx_serving.bench.compare import drive, engine_counters, report
 from mlx_serving.bench.engine import machine
 from mlx_serving.bench.loadgen import EngineTarget, Workload
 from mlx_serving.engine import Engine, EngineConfig, EngineProcess, ModelConfig
+from mlx_serving.engine.blas import ensure_preloaded
 
 SIDES = ("in-process", "child process")
 
@@ -78,4 +79,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    ensure_preloaded()   # the BLAS that `make` and the Serve replicas use
     sys.exit(main())

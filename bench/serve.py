@@ -38,6 +38,7 @@ from mlx_serving.bench.loadgen import (EngineTarget, HttpTarget, RequestError, R
 from mlx_serving.bench.servers import serve_run
 from mlx_serving.deployments.app import server_deployment_name
 from mlx_serving.engine import Engine, EngineConfig
+from mlx_serving.engine.blas import ensure_preloaded
 
 REPO = Path(__file__).resolve().parent.parent
 PATH_NAMES = {"engine": "engine in-process", "handle": "Serve handle", "http": "HTTP via Router"}
@@ -164,4 +165,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    ensure_preloaded()   # the BLAS that `make` and the Serve replicas use
     sys.exit(main())

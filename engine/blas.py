@@ -57,6 +57,22 @@ def is_preloaded() -> bool:
         return False
 
 
+def ensure_preloaded() -> None:
+    """Restart this process with OpenBLAS preloaded if it should be and is not.
+
+    For benchmarks that run an engine in their own process beside servers started with
+    ``preload_env()``: without it, the in-process side would use the wheel's slow BLAS.
+    Replaces the process (``os.execve``) with the same command line; at most once.
+    """
+    env = preload_env()
+    if not env or is_preloaded() or os.environ.get(_RESTARTED):
+        return
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, **env, _RESTARTED: "1"})
+
+
+_RESTARTED = "MLX_SERVING_PRELOAD_RESTARTED"
+
+
 if __name__ == "__main__":
     if "--env" in sys.argv[1:]:
         print(" ".join(f"{k}={v}" for k, v in preload_env().items()))
