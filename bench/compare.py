@@ -3,8 +3,9 @@
 Each load level runs every path in turn, ``repeats`` times, in a rotating order, so that
 drift of a shared or noisy machine falls on every path alike. Each path has a probe that
 reads its engine's counters; the report gives medians over repeats, each path against
-the first (the baseline), with the engine's steps/s, tokens per step, prefill passes and
-prefill share of time, which tell a slower step from an emptier batch.
+the first (the baseline) both as a ratio of medians and as the median of each repeat's
+paired ratio, with the engine's steps/s, tokens per step, prefill passes and prefill share
+of time, which tell a slower step from an emptier batch.
 """
 
 from __future__ import annotations
@@ -68,21 +69,40 @@ def _engine_ttft(results: list[LoadResult]) -> str:
     return f"{queued:.0f} / {ttft:.0f}"
 
 
+def _paired(results: list[LoadResult], baseline: list[LoadResult]) -> str:
+    """Median (min–max) over repeats of each run's tok/s against the baseline's run of the
+    same repeat: the runs of one repeat are neighbours in time, so the machine's drift
+    between repeats cancels out."""
+    ratios = [r.output_tok_s / b.output_tok_s for r, b in zip(results, baseline)
+              if b.output_tok_s]
+    if not ratios:
+        return "-"
+    return f"{_median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f})"
+
+
+def _failed(results: list[LoadResult]) -> str:
+    failed = sum(r.requests_failed for r in results)
+    return f"; {failed} failed" if failed else ""
+
+
 def report(runs: Runs, names: dict[str, str]) -> str:
-    """A markdown table; ``names`` gives each path's label, the first path is the baseline."""
+    """A markdown table; ``names`` gives each path's label, the first path is the baseline.
+    A path with failed requests says so beside its tok/s: such runs do less work."""
     baseline = next(iter(names))
-    lines = [f"| concurrent | path | tok/s median (min–max) | ÷ {names[baseline]} | TTFT p50 ms "
+    lines = [f"| concurrent | path | tok/s median (min–max) | ÷ {names[baseline]} "
+             "| paired ÷, median (min–max) | TTFT p50 ms "
              "| TTFT mean ms | engine queue / TTFT mean ms | ITL p50 ms "
              "| engine steps/s / tokens per step / prefill passes / prefill time / pauses |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for n, by_path in runs.items():
         base = _median([r.output_tok_s for r in by_path[baseline]])
         for path, name in names.items():
             results = by_path[path]
             tok_s = [r.output_tok_s for r in results]
             lines.append(
-                f"| {n} | {name} | {_median(tok_s):,.0f} ({min(tok_s):,.0f}–{max(tok_s):,.0f}) "
-                f"| {_median(tok_s) / base:.3f} "
+                f"| {n} | {name} | {_median(tok_s):,.0f} ({min(tok_s):,.0f}–{max(tok_s):,.0f})"
+                f"{_failed(results)} | {_median(tok_s) / base:.3f} "
+                f"| {_paired(results, by_path[baseline])} "
                 f"| {_median([r.ttft_ms['p50'] for r in results]):.0f} "
                 f"| {_median([r.ttft_ms['mean'] for r in results]):.0f} "
                 f"| {_engine_ttft(results)} "

@@ -236,7 +236,13 @@ def test_compare_drives_every_path_at_every_level_and_reports_against_the_first(
                for rs in by_path.values() for r in rs)
     table = report(runs, {"a": "first", "b": "second"}).splitlines()
     assert len(table) == 2 + 4 and "÷ first" in table[0]
-    assert all(line.split(" | ")[3] == "1.000" for line in table[2:] if " first " in line)
+    first = [line.split(" | ") for line in table[2:] if " first " in line]
+    assert all(cells[3] == "1.000" and cells[4] == "1.000 (1.000–1.000)" for cells in first)
+    assert "failed" not in "\n".join(table)
+
+    # A run with failed requests is marked: it did less work than its neighbours.
+    runs[1]["b"][0].requests_failed = 1
+    assert "; 1 failed |" in report(runs, {"a": "first", "b": "second"})
 
 
 def test_max_tokens_spread_varies_lengths_not_prompts():
