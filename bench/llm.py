@@ -216,7 +216,7 @@ def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -
     """A line per server whose results carry counters by replica: at each level (first
     run), each replica's share of the tokens, its engine steps per second and its tokens
     per step, busiest replica first."""
-    from mlx_serving.bench.replicas import STEPS, TOKENS
+    from mlx_serving.bench.replicas import STEPS, TOKENS, of_metric
 
     lines = []
     for label, by_level in runs.items():
@@ -224,13 +224,12 @@ def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -
         for level, results in zip(levels, by_level):
             r = results[0] if results else None
             counters = (r.counters or {}) if r else {}
-            tokens = {k.split("@", 1)[1]: v for k, v in counters.items()
-                      if k.startswith(TOKENS + "@")}
+            tokens, by_replica_steps = of_metric(counters, TOKENS), of_metric(counters, STEPS)
             total = sum(tokens.values())
             if not total:
                 continue
             order = sorted(tokens, key=tokens.get, reverse=True)
-            steps = [counters.get(f"{STEPS}@{rep}", 0.0) for rep in order]
+            steps = [by_replica_steps.get(rep, 0.0) for rep in order]
             shares = "/".join(f"{100 * tokens[rep] / total:.0f}%" for rep in order)
             rates = "/".join(f"{n / r.duration_s:.0f}" for n in steps)
             per_step = "/".join(f"{tokens[rep] / n:.1f}" if n else "-"

@@ -123,6 +123,12 @@ def counters_by_replica(url: str, names: tuple[str, ...] = (TOKENS,)) -> dict[st
             for replica, value in parse_by_replica(text, name).items()}
 
 
+def of_metric(counters: dict[str, float], name: str) -> dict[str, float]:
+    """The replica -> value part of ``counters_by_replica``'s answer for the metric ``name``."""
+    prefix = f"{name}@"
+    return {k[len(prefix):]: v for k, v in counters.items() if k.startswith(prefix)}
+
+
 def parse_by_replica(metrics: str, name: str) -> dict[str, float]:
     """The samples of the metric ``name`` summed by replica label."""
     out: dict[str, float] = {}
@@ -154,7 +160,8 @@ async def measure(url: str, replicas: int, streams: int, workload: Workload) -> 
         before = await settled_counters_by_replica(url)
         load = await run_load(http, workload, streams)
         after = await settled_counters_by_replica(url, before)
-    delta = {k.split("@", 1)[1]: after[k] - before.get(k, 0.0) for k in after}
+    start = of_metric(before, TOKENS)
+    delta = {r: n - start.get(r, 0.0) for r, n in of_metric(after, TOKENS).items()}
     return ScalingRun(replicas, streams, load, delta)
 
 
