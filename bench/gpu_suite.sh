@@ -4,7 +4,8 @@
 # Models are generated on the machine itself (too large to carry).
 #
 #   bash bench/gpu_suite.sh OUTDIR STEP...
-#   STEP: tiny | 1b | 8b            engine vs raw BatchGenerator
+#   STEP: tiny | 1b | 8b            engine vs raw BatchGenerator (ENGINE_LEVELS overrides the
+#                                   levels)
 #         serve-SIZE                HTTP / Serve handle / engine in-process (bench.serve)
 #         serve-process-SIZE        the same with the replica's engine in a child process
 #         serve-nogate-SIZE         serve-SIZE with the prefill gate off (prefill_wait_steps=0)
@@ -12,7 +13,7 @@
 #         serve-spread-cudnn-SIZE   ... with cuDNN attention on (cudnn_attention: true; a graph
 #                                   per new prompt shape)
 #         serve-spread-cache-SIZE   ... cuDNN attention on, its graph and CUDA-graph caches 1024
-#                                   (serve-nogate/spread steps: SERVE_LEVELS overrides the
+#                                   (serve steps but serve-process: SERVE_LEVELS overrides the
 #                                   levels, SERVE_ARGS adds bench.serve flags, e.g.
 #                                   "--switch-interval-ms 0.2"; MLX_ENABLE_CACHE_THRASHING_CHECK=1
 #                                   reports thrashing caches in STEP.err)
@@ -22,7 +23,8 @@
 #         canary-gpus               the canary rollback drill, stable and canary on a GPU each
 #         process-SIZE              engine in-process vs in a child process, no Ray
 #         llm-SIZE[-q4]             mlx-serving bench llm --compare: ours vs mlx_lm.server
-#                                   (bf16, or 4-bit with -q4), 1-128 streams
+#                                   (bf16, or 4-bit with -q4), 1-128 streams (LLM_LEVELS
+#                                   overrides the levels, LLM_ARGS adds bench llm flags)
 #
 # Environment: PYTHON (default python3), MODELS (default /tmp/mlx-serving-models).
 set -euo pipefail
@@ -43,17 +45,24 @@ for step in "$@"; do
   case $step in
     tiny|1b|8b)
       path=$(model "$step")
-      "$py" -m mlx_serving.bench.engine --model "$path" --concurrency 1 8 32 64 128 \
+      "$py" -m mlx_serving.bench.engine --model "$path" \
+        --concurrency ${ENGINE_LEVELS:-1 8 32 64 128} \
         --json "$out/engine-$step.json" | tee "$out/engine-$step.md" ;;
     llm-*)
       spec=${step#llm-}; size=${spec%-q*}; bits=""
       [ "$spec" != "$size" ] && bits=${spec#*-q}
       path=$(model "$size" $bits)
       "$py" -m mlx_serving.deployments.cli bench llm --compare --model-path "$path" \
-        --concurrency 1 8 32 64 128 --max-batch-size 128 --engine prefill_batch_size=16 \
+        --concurrency ${LLM_LEVELS:-1 8 32 64 128} --max-batch-size 128 \
+        --engine prefill_batch_size=16 ${LLM_ARGS:-} \
         --mlx-lm-arg=--prompt-concurrency=16 --no-progress --no-plots --out "$out/$step" \
         --title "$step" | tail -n 20 ;;
-    serve-nogate-*|serve-spread-*)
+    serve-process-*)
+      size=${step#serve-process-}
+      path=$(model "$size")
+      "$py" -m mlx_serving.bench.serve --model "$path" --concurrency 8 32 64 --engine-process \
+        --max-batch-size 64 --json "$out/$step.json" | tee "$out/$step.md" ;;
+    serve-*)
       spec=${step#serve-}; flags=(); envs=(MLX_ENABLE_CACHE_THRASHING_CHECK=1)
       [[ $spec == spread-* ]] && { spec=${spec#spread-}; flags+=(--max-tokens-spread 0.5); }
       [[ $spec == nogate-* ]] && { spec=${spec#nogate-}; flags+=(--engine prefill_wait_steps=0); }
@@ -77,16 +86,6 @@ for step in "$@"; do
       "$py" -m mlx_serving.bench.canary_gpus --model "$path" --stable-replicas 1 \
         --canary-replicas 1 --concurrency 32 --json "$out/canary-gpus.json" \
         | tail -n 60 ;;
-    serve-process-*)
-      size=${step#serve-process-}
-      path=$(model "$size")
-      "$py" -m mlx_serving.bench.serve --model "$path" --concurrency 8 32 64 --engine-process \
-        --max-batch-size 64 --json "$out/$step.json" | tee "$out/$step.md" ;;
-    serve-*)
-      size=${step#serve-}
-      path=$(model "$size")
-      "$py" -m mlx_serving.bench.serve --model "$path" --concurrency 1 8 32 64 \
-        --max-batch-size 64 --json "$out/serve-$size.json" | tee "$out/serve-$size.md" ;;
     process-*)
       size=${step#process-}
       path=$(model "$size")
