@@ -5,7 +5,9 @@ drift of a shared or noisy machine falls on every path alike. Each path has a pr
 reads its engine's counters; the report gives medians over repeats, each path against
 the first (the baseline) both as a ratio of medians and as the median of each repeat's
 paired ratio, with the engine's steps/s, tokens per step, prefill passes and prefill share
-of time, which tell a slower step from an emptier batch.
+of time, which tell a slower step from an emptier batch, and where the engine thread's
+time went (decode steps, batch changes, token hand-off, idle), which tells a slower step
+from work between steps.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import statistics
 from mlx_serving.bench.loadgen import LoadResult, Probe, Target, Workload, run_load
 
 ENGINE_COUNTERS = ("steps", "prefill_steps", "prefill_s", "decode_s", "generated_tokens", "pauses",
-                   "finished", "queued_s", "ttft_s")
+                   "finished", "queued_s", "ttft_s", "admit_s", "release_s", "tokens_s", "idle_s")
 
 Runs = dict[int, dict[str, list[LoadResult]]]  # concurrency -> path -> one result per repeat
 
@@ -57,6 +59,17 @@ def _engine_side(results: list[LoadResult]) -> str:
     return f"{steps_s:,.0f} / {per_step:.1f} / {passes:.0f} / {prefill:.0f}% / {pauses:.0f}"
 
 
+def _engine_time(results: list[LoadResult]) -> str:
+    """Medians of the engine thread's time as shares of the run: in decode steps, putting
+    sequences into the batch and taking them out, handing tokens over, and idle."""
+    counted = [(r.counters, r.duration_s) for r in results
+               if r.counters and "idle_s" in r.counters and r.duration_s]
+    if not counted:
+        return "-"
+    keys = ("decode_s", "admit_s", "release_s", "tokens_s", "idle_s")
+    return " / ".join(f"{_median([100 * c[k] / d for c, d in counted]):.0f}" for k in keys)
+
+
 def _engine_ttft(results: list[LoadResult]) -> str:
     """Medians of the engine's mean queue time and mean TTFT (from its arrival at the
     engine; a request ended before its first token counts 0); the client's TTFT less this
@@ -92,8 +105,9 @@ def report(runs: Runs, names: dict[str, str]) -> str:
     lines = [f"| concurrent | path | tok/s median (min–max) | ÷ {names[baseline]} "
              "| paired ÷, median (min–max) | TTFT p50 ms "
              "| TTFT mean ms | engine queue / TTFT mean ms | ITL p50 ms "
-             "| engine steps/s / tokens per step / prefill passes / prefill time / pauses |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| engine steps/s / tokens per step / prefill passes / prefill time / pauses "
+             "| engine time %: decode / admit / release / tokens / idle |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, by_path in runs.items():
         base = _median([r.output_tok_s for r in by_path[baseline]])
         for path, name in names.items():
@@ -106,5 +120,6 @@ def report(runs: Runs, names: dict[str, str]) -> str:
                 f"| {_median([r.ttft_ms['p50'] for r in results]):.0f} "
                 f"| {_median([r.ttft_ms['mean'] for r in results]):.0f} "
                 f"| {_engine_ttft(results)} "
-                f"| {_median([r.itl_ms['p50'] for r in results]):.1f} | {_engine_side(results)} |")
+                f"| {_median([r.itl_ms['p50'] for r in results]):.1f} | {_engine_side(results)} "
+                f"| {_engine_time(results)} |")
     return "\n".join(lines)

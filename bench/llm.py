@@ -135,11 +135,13 @@ async def sweep_endpoint(endpoint: Endpoint, args: argparse.Namespace, levels: l
 
     results = []
     probe = None
-    if endpoint.name == SERVER_NAMES["ours"] and args.replicas > 1:
-        from mlx_serving.bench.replicas import STEPS, TOKENS, settled_counters_by_replica
+    if endpoint.name == SERVER_NAMES["ours"]:
+        from mlx_serving.bench.replicas import (ENGINE_TTFT, FINISHED, QUEUED, STEPS, TOKENS,
+                                                settled_counters_by_replica)
 
-        async def probe():   # each replica's tokens and engine steps over the level
-            return await settled_counters_by_replica(endpoint.url, names=(TOKENS, STEPS))
+        async def probe():   # each replica's engine counters over the level
+            return await settled_counters_by_replica(
+                endpoint.url, names=(TOKENS, STEPS, FINISHED, QUEUED, ENGINE_TTFT))
     async with HttpTarget(endpoint.url, endpoint.model, args.api_key,
                           max_connections=max(lv.concurrency for lv in levels) + 8,
                           extra_body=endpoint.extra_body) as target:
@@ -215,8 +217,9 @@ def server_options(args: argparse.Namespace, model: str) -> ServerOptions:
 def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -> list[str]:
     """A line per server whose results carry counters by replica: at each level (first
     run), each replica's share of the tokens, its engine steps per second and its tokens
-    per step, busiest replica first."""
-    from mlx_serving.bench.replicas import STEPS, TOKENS, of_metric
+    per step, busiest replica first; then the engine's mean queue time and TTFT over
+    every replica's requests (the client's TTFT less these is the serving path's share)."""
+    from mlx_serving.bench.replicas import ENGINE_TTFT, FINISHED, QUEUED, STEPS, TOKENS, of_metric
 
     lines = []
     for label, by_level in runs.items():
@@ -234,7 +237,13 @@ def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -
             rates = "/".join(f"{n / r.duration_s:.0f}" for n in steps)
             per_step = "/".join(f"{tokens[rep] / n:.1f}" if n else "-"
                                 for rep, n in zip(order, steps))
-            parts.append(f"{level}: tokens {shares}, steps/s {rates}, tokens per step {per_step}")
+            part = f"{level}: tokens {shares}, steps/s {rates}, tokens per step {per_step}"
+            finished = sum(of_metric(counters, FINISHED).values())
+            if finished:
+                queued = 1000 * sum(of_metric(counters, QUEUED).values()) / finished
+                ttft = 1000 * sum(of_metric(counters, ENGINE_TTFT).values()) / finished
+                part += f", engine queue / TTFT mean {queued:.0f} / {ttft:.0f} ms"
+            parts.append(part)
         if parts:
             lines.append(f"\n{label}, by replica (busiest first): " + "; ".join(parts))
     return lines

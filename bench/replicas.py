@@ -113,6 +113,9 @@ def deploy_and_wait(config: dict, cluster, timeout_s: float = 600.0) -> str:
 
 TOKENS = "mlx_serving:engine_generation_tokens_total"
 STEPS = "mlx_serving:engine_steps_total"
+FINISHED = "mlx_serving:requests_finished_total"
+QUEUED = "mlx_serving:request_queue_seconds_total"
+ENGINE_TTFT = "mlx_serving:request_engine_ttft_seconds_total"
 
 
 def counters_by_replica(url: str, names: tuple[str, ...] = (TOKENS,)) -> dict[str, float]:

@@ -255,6 +255,15 @@ class _EngineCollector:
         yield counter("request_engine_ttft_seconds", "Summed time of finished requests from "
                       "arrival at the engine to their first token.", s.ttft_s)
         yield counter("engine_pauses", "Sequences paused because their reader lagged.", s.pauses)
+        thread = CounterMetricFamily(
+            "mlx_serving:engine_thread_seconds", "The engine thread's time by activity: prompt "
+            "passes, decode steps, batch joins and leaves, token hand-off, idle.",
+            labels=[*labels, "activity"])
+        for activity, seconds in (("prefill", s.prefill_s), ("decode", s.decode_s),
+                                  ("admit", s.admit_s), ("release", s.release_s),
+                                  ("tokens", s.tokens_s), ("idle", s.idle_s)):
+            thread.add_metric([*values, activity], seconds)
+        yield thread
         yield counter("admission_rejected", "Requests refused by admission control (429).",
                       s.rejected)
         yield counter("deadline_expired", "Requests ended by their deadline (timeout_s).",

@@ -52,6 +52,11 @@ class EngineStats:
     prefill_steps: int  # steps that also processed prompt tokens
     prefill_s: float    # time in prompt processing (mlx-lm's BatchGenerator counters)
     decode_s: float     # time in decode steps
+    # the engine thread's time outside those two (see SchedulerCounters, HostTimes)
+    admit_s: float      # putting sequences into the batch
+    release_s: float    # taking them out
+    tokens_s: float     # handing each step's tokens to their requests
+    idle_s: float       # waiting for work
     generated_tokens: int
     finished: int       # requests ended, for whatever reason
     queued_s: float     # their summed time from submit to admission into the batch,
@@ -221,6 +226,10 @@ class Engine:
             prefill_steps=s.counters.prefill_steps,
             prefill_s=sum(r.batch_times()[0] for r in runners),
             decode_s=sum(r.batch_times()[1] for r in runners),
+            admit_s=sum(r.host_times.admit_s for r in runners),
+            release_s=sum(r.host_times.release_s for r in runners),
+            tokens_s=s.counters.tokens_s,
+            idle_s=s.counters.idle_s,
             generated_tokens=s.counters.generated_tokens,
             finished=s.counters.finished,
             queued_s=s.counters.queued_s,

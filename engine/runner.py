@@ -15,6 +15,7 @@ retired sequence keeps its slot and its garbage tokens are dropped.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from mlx_lm.generate import BatchGenerator, StopSequences
@@ -30,6 +31,14 @@ from mlx_serving.engine.sequence import Sequence, SequenceStatus
 # BatchGenerator never ends a sequence itself: no stop tokens, and max_tokens beyond the
 # request's by more steps than a retired sequence may wait for its release.
 _NO_STOPS = StopSequences()
+
+
+@dataclass
+class HostTimes:
+    """Seconds the engine thread spent changing the batch's membership."""
+
+    admit_s: float = 0.0    # prefix-cache lookups and inserts (new and resumed sequences)
+    release_s: float = 0.0  # removals: cache extraction, the batch's filter, prefix-cache stores
 
 
 @dataclass
@@ -50,6 +59,7 @@ class ModelRunner:
         self._eos_ids = frozenset(loaded.eos_token_ids)
         self._max_tokens_slack = config.prefill_wait_steps + 2
         self._retired_times = (0.0, 0.0)  # prefill and decode seconds of replaced batches
+        self.host_times = HostTimes()
         self.batch = self._new_batch()
 
     def _new_batch(self) -> BatchGenerator:
@@ -118,9 +128,11 @@ class ModelRunner:
 
     def start(self, seq: Sequence) -> None:
         """Put a newly admitted sequence into the batch, reusing a cached prefix if any."""
+        started = time.perf_counter()
         cache, cached = self.prefix_cache.fetch(seq.prompt_ids)
         seq.cached_tokens = cached
         self._insert(seq, seq.prompt_ids[cached:], cache, seq.prompt_ids[:cached])
+        self.host_times.admit_s += time.perf_counter() - started
 
     def remove(self, seq: Sequence, *, to_prefix_cache: bool = True) -> list | None:
         """Take a running sequence out of the batch; returns its KV cache if it was decoding.
@@ -128,16 +140,18 @@ class ModelRunner:
         The cache holds every token fed so far, the last generated one included. Unless the
         caller keeps using it, it is offered to the prefix cache.
         """
+        started = time.perf_counter()
         uid = seq.uid
         self.by_uid.pop(uid, None)
         seq.uid = None
         decoding = seq.first_token_at is not None
         extracted = self.batch.remove([uid], return_prompt_caches=decoding)
-        if not decoding or uid not in extracted:
-            return None
-        cache, tokens = extracted[uid]
-        if to_prefix_cache:
-            self.prefix_cache.store(tokens, cache)
+        cache = None
+        if decoding and uid in extracted:
+            cache, tokens = extracted[uid]
+            if to_prefix_cache:
+                self.prefix_cache.store(tokens, cache)
+        self.host_times.release_s += time.perf_counter() - started
         return cache
 
     def retire(self, seq: Sequence, step: int) -> None:
@@ -165,6 +179,7 @@ class ModelRunner:
         caches, cut back to the request's own tokens, to the prefix cache."""
         if not self._retired:
             return
+        started = time.perf_counter()
         retired, self._retired = self._retired, {}
         extracted = self.batch.remove(list(retired), return_prompt_caches=self.prefix_cache.enabled)
         for uid, (cache, tokens) in extracted.items():
@@ -175,6 +190,7 @@ class ModelRunner:
             if excess:
                 trim_prompt_cache(cache, excess)
             self.prefix_cache.store(kept, cache)
+        self.host_times.release_s += time.perf_counter() - started
 
     def pause(self, seq: Sequence) -> None:
         """Move a decoding sequence out of the batch, keeping its KV cache for ``resume``.
@@ -189,6 +205,8 @@ class ModelRunner:
         seq.status = SequenceStatus.PAUSED
 
     def resume(self, seq: Sequence) -> None:
+        started = time.perf_counter()
         context = seq.prompt_ids + seq.generated[:-1]
         cache, seq.paused_cache = seq.paused_cache, None
         self._insert(seq, seq.generated[-1:], cache, context)
+        self.host_times.admit_s += time.perf_counter() - started

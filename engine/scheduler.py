@@ -73,6 +73,10 @@ class SchedulerCounters:
     expired: int = 0        # requests ended by their deadline
     queued_s: float = 0.0   # sums over the finished requests: submit -> admitted,
     ttft_s: float = 0.0     # and submit -> first token (those that got one)
+    # the engine thread's time outside mlx-lm's own prompt and decode timers
+    tokens_s: float = 0.0   # handing each step's tokens to their requests (detokenize, stop
+                            # strings, streams, waking readers)
+    idle_s: float = 0.0     # waiting for work with nothing to step
 
 
 class Scheduler:
@@ -208,11 +212,15 @@ class Scheduler:
 
     def _drain_inbox(self, timeout: float | None) -> bool:
         """Handle every queued message; False once a stop message arrives."""
+        started = time.perf_counter()
         try:
             msg = self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
         except queue.Empty:
             self.heartbeat = time.monotonic()
             return True
+        finally:
+            if timeout:
+                self.counters.idle_s += time.perf_counter() - started
         gap = _BURST_GAP_S if timeout else 0.0  # we were idle: gather the rest of a burst
         while True:
             if isinstance(msg, _Stop):
@@ -431,12 +439,15 @@ class Scheduler:
                 self._complete(seq, FinishReason.ERROR, error=f"model step failed: {exc!r}",
                                error_code="engine_error")
             return
+        started = time.perf_counter()
         self.counters.steps += 1
         self.counters.prefill_steps += bool(prompt_responses)
         for response in responses:
             seq = runner.by_uid.get(response.uid)
             if seq is not None:   # None: a retired sequence's garbage token
                 self._on_token(runner, seq, response)
+        self._wake_readers()
+        self.counters.tokens_s += time.perf_counter() - started
         runner.release_due(self.counters.steps, self.config.prefill_wait_steps)
 
     def _on_token(self, runner: ModelRunner, seq: Sequence, response) -> None:

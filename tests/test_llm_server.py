@@ -40,3 +40,33 @@ def test_a_directive_is_applied_to_the_engine_and_lifted_again(server):
     asyncio.run(run(server, request(Priority.BATCH)))  # no directive: back to normal
     settings = server.engine.admission()
     assert (settings.scale, settings.shed_batch) == (1.0, False)
+
+
+def test_engine_thread_time_is_exported_by_activity(server):
+    """/metrics splits the engine thread's time by activity, and the busy ones add up to no
+    more than the wall time they cover (an idle wait is counted when it ends, so it may
+    have begun before)."""
+    import time
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mlx_serving.deployments.llm_server import _EngineCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_EngineCollector(server))
+
+    def thread_seconds() -> dict[str, float]:
+        text = generate_latest(registry).decode()
+        family = next(f for f in text_string_to_metric_families(text)
+                      if f.name == "mlx_serving:engine_thread_seconds")
+        return {s.labels["activity"]: s.value for s in family.samples
+                if s.name.endswith("_total")}
+
+    before, started = thread_seconds(), time.perf_counter()
+    asyncio.run(run(server, request()))
+    after, wall = thread_seconds(), time.perf_counter() - started
+    spent = {k: after[k] - before[k] for k in after}
+    assert set(spent) == {"prefill", "decode", "admit", "release", "tokens", "idle"}
+    assert all(spent[k] > 0 for k in ("prefill", "decode", "admit", "tokens"))
+    assert sum(v for k, v in spent.items() if k != "idle") <= wall * 1.05 + 0.05

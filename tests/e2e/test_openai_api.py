@@ -232,6 +232,7 @@ def test_health_ready_metrics(serve_app, client):
     assert serve_app.metric("mlx_serving:requests_finished_total") >= 1
     assert serve_app.metric("mlx_serving:request_engine_ttft_seconds_total") > 0
     assert "mlx_serving:request_queue_seconds_total" in text
+    assert 'activity="decode"' in text and "mlx_serving:engine_thread_seconds_total" in text
 
 
 def test_metrics_cover_every_replica(serve_app, client):
