@@ -48,7 +48,7 @@ class RolloutController:
     """
 
     def __init__(self, config: dict, telemetry=None):
-        route_logs_to_serve()
+        route_logs_to_serve(access_log=False)
         cfg = AppConfig.model_validate(config)
         self._variants = set(cfg.variants)
         self._config_stable = cfg.stable

@@ -34,7 +34,7 @@ class Telemetry:
     """Collects metric snapshots and active-stream lists from every replica."""
 
     def __init__(self, stale_after_s: float = STALE_AFTER_S):
-        route_logs_to_serve()
+        route_logs_to_serve(access_log=False)
         self._stale_after_s = stale_after_s
         self._sources: dict[str, tuple[float, str, list[dict]]] = {}
 
@@ -147,7 +147,7 @@ class QosMetrics:
         self.alerts.set(len(report.alerts))
 
 
-def route_logs_to_serve() -> None:
+def route_logs_to_serve(access_log: bool = True) -> None:
     """Send this package's log records (engine included) to the replica's Serve log file.
 
     Serve configures only the ``ray.serve`` logger: with ``logging_config: {encoding: JSON}``
@@ -155,14 +155,26 @@ def route_logs_to_serve() -> None:
     ``X-Request-ID`` or a generated one, propagated from the Router to the LLMServer through
     handle calls), deployment and replica. Records of ``mlx_serving.*`` loggers get the same
     handlers, so a request can be followed from Router to replica by that id.
+
+    ``access_log=False`` drops Serve's line per call in this replica's process: for the
+    housekeeping deployments, whose callers are the other replicas (a push a second each,
+    long polls), those lines were nearly all of the logs. A failed call still logs its
+    error ("Request failed.", with the traceback).
     """
     serve_logger = logging.getLogger("ray.serve")
     ours = logging.getLogger("mlx_serving")
+    if not access_log:
+        serve_logger.addFilter(drop_access_log)
     if not serve_logger.handlers:  # outside a Serve replica
         return
     ours.handlers = list(serve_logger.handlers)
     ours.setLevel(serve_logger.level)
     ours.propagate = False
+
+
+def drop_access_log(record: logging.LogRecord) -> bool:
+    """A logging filter: False for Serve's access-log records (one per call)."""
+    return not getattr(record, "serve_access_log", False)
 
 
 def replica_id() -> str:
