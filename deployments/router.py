@@ -477,6 +477,7 @@ class Router:
         return await self._complete(request, CompletionRequest, chat=False)
 
     async def _complete(self, request: Request, model_cls, chat: bool) -> Response:
+        arrived = time.time()   # a request's deadline counts from here, not from its replica
         endpoint = "chat" if chat else "completions"
         variant, key, route = self._traffic.table["stable"], "", None
         try:
@@ -486,8 +487,10 @@ class Router:
             route, model = await self._resolve(body.model, key)
             variant = route.variant
             priority, timeout_s = service_class(body, request.headers)
+            deadline_at = None if timeout_s is None else arrived + timeout_s
             engine_requests = [r.model_copy(update={"priority": Priority(priority),
-                                                    "timeout_s": timeout_s})
+                                                    "timeout_s": timeout_s,
+                                                    "deadline_at": deadline_at})
                                for r in body.to_engine(model)]
             started = await self._begin(route, engine_requests, body.n)
         except Exception as exc:

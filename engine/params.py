@@ -93,6 +93,11 @@ class GenerationRequest(BaseModel):
         default=None, gt=0,
         description="Deadline in seconds from submission; past it the request ends with a "
                     "deadline_exceeded error wherever it is.")
+    deadline_at: float | None = Field(
+        default=None,
+        description="The same deadline as a wall-clock time (seconds since the epoch), set "
+                    "where the request first arrived (the Router), so that the time spent "
+                    "before it reached this engine counts too; the earlier of the two holds.")
 
     @model_validator(mode="after")
     def _one_input(self):

@@ -56,6 +56,7 @@ class Sequence:
     paused_cache: list | None = None   # KV cache held while PAUSED
     paused_at: float = 0.0
     submitted_at: float = field(default_factory=time.monotonic)
+    submitted_wall: float = field(default_factory=time.time)
     admitted_at: float | None = None
     first_token_at: float | None = None
 
@@ -73,9 +74,12 @@ class Sequence:
 
     @property
     def deadline(self) -> float | None:
-        """When the request's ``timeout_s`` runs out (monotonic clock), if it has one."""
-        timeout = self.request.timeout_s
-        return None if timeout is None else self.submitted_at + timeout
+        """When the request's ``timeout_s`` runs out (monotonic clock), if it has one: from
+        its submission here, or from its ``deadline_at`` where that comes first."""
+        timeout, at = self.request.timeout_s, self.request.deadline_at
+        candidates = ([] if timeout is None else [self.submitted_at + timeout]) + \
+                     ([] if at is None else [self.submitted_at + (at - self.submitted_wall)])
+        return min(candidates) if candidates else None
 
     @property
     def remaining_tokens(self) -> int:

@@ -203,6 +203,37 @@ def test_deadline_passes_while_waiting(tiny_model_path):
         eng.shutdown()
 
 
+def test_a_deadline_set_upstream_counts_the_time_before_submission(tiny_model_path):
+    """A request's ``deadline_at`` (set where it first arrived, the Router) holds when it
+    comes before ``timeout_s`` from submission: time spent upstream counts. A request that
+    arrives past it ends before it is admitted; without ``deadline_at`` the same
+    ``timeout_s`` runs from submission."""
+    import time
+
+    eng = make_engine(tiny_model_path, max_batch_size=1)
+    try:
+        async def go():
+            async with slot_taken(eng):
+                spent = request("spent upstream", max_tokens=4, timeout_s=30.0).model_copy(
+                    update={"deadline_at": time.time() - 0.1})
+                expired = await drain(eng.submit(spent))
+                near = request("near", max_tokens=4, timeout_s=30.0).model_copy(
+                    update={"deadline_at": time.time() + 0.3})
+                started = time.monotonic()
+                ended = await drain(eng.submit(near))
+                return expired, ended, time.monotonic() - started
+
+        expired, ended, waited = run(go())
+        for out in (expired, ended):
+            assert out.final.error_code == "deadline_exceeded" and "waiting" in out.final.error
+            assert out.token_ids == []
+        assert 0.2 <= waited < 5.0   # the upstream deadline, not 30 s from submission
+        assert eng.stats().expired == 2
+        assert_idle(eng)
+    finally:
+        eng.shutdown()
+
+
 def test_deadline_passes_while_running(tiny_model_path):
     eng = make_engine(tiny_model_path)
     try:

@@ -66,6 +66,27 @@ def test_a_stream_past_its_deadline_ends_with_an_error_event(serve_app):
     assert json.loads(events[-1])["error"]["code"] == "deadline_exceeded"
 
 
+def test_a_deadline_counts_from_the_routers_arrival_not_the_replicas(serve_app):
+    """Time a request spends before its replica takes it counts against its deadline: with
+    1.5 s injected before each request reaches the engine, a 1 s deadline has passed on
+    arrival, so the request ends while waiting, with no token generated (counted from the
+    replica's arrival instead, it would have run for a second)."""
+    delayed = [{"name": "LLMServer-stable", "user_config": {"fault": {"delay_ms": 1500}}}]
+    serve_app.deploy(delayed)
+    try:
+        r = None
+        for _ in range(20):   # until every replica has the new config
+            started = time.monotonic()
+            r = post(serve_app, chat_body(max_tokens=1500, ignore_eos=True, timeout_s=1.0))
+            if time.monotonic() - started >= 1.4:
+                break
+        assert r.status_code == 504, r.text
+        error = r.json()["error"]
+        assert error["code"] == "deadline_exceeded" and "waiting" in error["message"], error
+    finally:
+        serve_app.deploy()
+
+
 # -- circuit breaker ---------------------------------------------------------------------------------
 def test_a_failing_variant_opens_its_circuit_then_closes_once_healthy(serve_app):
     """Fault injection makes every stable request fail: each Router's breaker opens after
