@@ -17,7 +17,8 @@ import statistics
 from mlx_serving.bench.loadgen import LoadResult, Probe, Target, Workload, run_load
 
 ENGINE_COUNTERS = ("steps", "prefill_steps", "prefill_s", "decode_s", "generated_tokens", "pauses",
-                   "finished", "queued_s", "ttft_s", "admit_s", "release_s", "tokens_s", "idle_s")
+                   "finished", "queued_s", "ttft_s", "join_s", "admit_s", "release_s", "tokens_s",
+                   "idle_s")
 
 Runs = dict[int, dict[str, list[LoadResult]]]  # concurrency -> path -> one result per repeat
 
@@ -60,13 +61,14 @@ def _engine_side(results: list[LoadResult]) -> str:
 
 
 def _engine_time(results: list[LoadResult]) -> str:
-    """Medians of the engine thread's time as shares of the run: in decode steps, putting
-    sequences into the batch and taking them out, handing tokens over, and idle."""
+    """Medians of the engine thread's time as shares of the run: in decode steps, moving
+    prefilled sequences into the decode batch, putting sequences into the batch and taking
+    them out, handing tokens over, and idle."""
     counted = [(r.counters, r.duration_s) for r in results
                if r.counters and "idle_s" in r.counters and r.duration_s]
     if not counted:
         return "-"
-    keys = ("decode_s", "admit_s", "release_s", "tokens_s", "idle_s")
+    keys = ("decode_s", "join_s", "admit_s", "release_s", "tokens_s", "idle_s")
     return " / ".join(f"{_median([100 * c[k] / d for c, d in counted]):.0f}" for k in keys)
 
 
@@ -106,7 +108,7 @@ def report(runs: Runs, names: dict[str, str]) -> str:
              "| paired ÷, median (min–max) | TTFT p50 ms "
              "| TTFT mean ms | engine queue / TTFT mean ms | ITL p50 ms "
              "| engine steps/s / tokens per step / prefill passes / prefill time / pauses "
-             "| engine time %: decode / admit / release / tokens / idle |",
+             "| engine time %: decode / join / admit / release / tokens / idle |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, by_path in runs.items():
         base = _median([r.output_tok_s for r in by_path[baseline]])

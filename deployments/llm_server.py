@@ -257,11 +257,13 @@ class _EngineCollector:
         yield counter("engine_pauses", "Sequences paused because their reader lagged.", s.pauses)
         thread = CounterMetricFamily(
             "mlx_serving:engine_thread_seconds", "The engine thread's time by activity: prompt "
-            "passes, decode steps, batch joins and leaves, token hand-off, idle.",
+            "passes, decode steps, prefilled sequences joining the decode batch, sequences "
+            "entering and leaving the batch, token hand-off, idle.",
             labels=[*labels, "activity"])
         for activity, seconds in (("prefill", s.prefill_s), ("decode", s.decode_s),
-                                  ("admit", s.admit_s), ("release", s.release_s),
-                                  ("tokens", s.tokens_s), ("idle", s.idle_s)):
+                                  ("join", s.join_s), ("admit", s.admit_s),
+                                  ("release", s.release_s), ("tokens", s.tokens_s),
+                                  ("idle", s.idle_s)):
             thread.add_metric([*values, activity], seconds)
         yield thread
         yield counter("admission_rejected", "Requests refused by admission control (429).",

@@ -53,6 +53,7 @@ class EngineStats:
     prefill_s: float    # time in prompt processing (mlx-lm's BatchGenerator counters)
     decode_s: float     # time in decode steps
     # the engine thread's time outside those two (see SchedulerCounters, HostTimes)
+    join_s: float       # BatchGenerator's steps beyond them: prefilled sequences joining
     admit_s: float      # putting sequences into the batch
     release_s: float    # taking them out
     tokens_s: float     # handing each step's tokens to their requests
@@ -226,6 +227,7 @@ class Engine:
             prefill_steps=s.counters.prefill_steps,
             prefill_s=sum(r.batch_times()[0] for r in runners),
             decode_s=sum(r.batch_times()[1] for r in runners),
+            join_s=sum(r.host_times.join_s for r in runners),
             admit_s=sum(r.host_times.admit_s for r in runners),
             release_s=sum(r.host_times.release_s for r in runners),
             tokens_s=s.counters.tokens_s,

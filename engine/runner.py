@@ -39,6 +39,9 @@ class HostTimes:
 
     admit_s: float = 0.0    # prefix-cache lookups and inserts (new and resumed sequences)
     release_s: float = 0.0  # removals: cache extraction, the batch's filter, prefix-cache stores
+    join_s: float = 0.0     # BatchGenerator steps outside mlx-lm's prompt and decode timers:
+                            # prefilled sequences joining the decode batch (their first step,
+                            # the merge of their caches)
 
 
 @dataclass
@@ -96,6 +99,16 @@ class ModelRunner:
         """
         b = self.batch
         return len(b._unprocessed_sequences) + len(b._prompt_batch) + len(b._generation_batch)
+
+    def step(self):
+        """One BatchGenerator step: ``(prompt_responses, generation_responses)``."""
+        timed = sum(self.batch_times())
+        started = time.perf_counter()
+        try:
+            return self.batch.next()
+        finally:
+            spent = time.perf_counter() - started
+            self.host_times.join_s += max(0.0, spent - (sum(self.batch_times()) - timed))
 
     def batch_times(self) -> tuple[float, float]:
         """Seconds BatchGenerator has spent in prompt processing and in decode steps.

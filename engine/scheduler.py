@@ -185,7 +185,9 @@ class Scheduler:
                 for runner in list(self.runners.values()):
                     if runner.by_uid:
                         self._step(runner)
+                started = time.perf_counter()
                 self._wake_readers()
+                self.counters.tokens_s += time.perf_counter() - started
                 self.heartbeat = time.monotonic()
         except BaseException as exc:  # a bug here must not leave callers hanging
             log.exception("engine thread died")
@@ -431,7 +433,7 @@ class Scheduler:
 
     def _step(self, runner: ModelRunner) -> None:
         try:
-            prompt_responses, responses = runner.batch.next()
+            prompt_responses, responses = runner.step()
         except Exception as exc:
             log.exception("model %s failed during a step", runner.loaded.name)
             for seq in runner.reset():
@@ -446,8 +448,9 @@ class Scheduler:
             seq = runner.by_uid.get(response.uid)
             if seq is not None:   # None: a retired sequence's garbage token
                 self._on_token(runner, seq, response)
-        self._wake_readers()
         self.counters.tokens_s += time.perf_counter() - started
+        # before the readers wake (after every runner's step): a request's end is seen once
+        # its slot is free
         runner.release_due(self.counters.steps, self.config.prefill_wait_steps)
 
     def _on_token(self, runner: ModelRunner, seq: Sequence, response) -> None:

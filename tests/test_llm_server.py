@@ -67,6 +67,6 @@ def test_engine_thread_time_is_exported_by_activity(server):
     asyncio.run(run(server, request()))
     after, wall = thread_seconds(), time.perf_counter() - started
     spent = {k: after[k] - before[k] for k in after}
-    assert set(spent) == {"prefill", "decode", "admit", "release", "tokens", "idle"}
-    assert all(spent[k] > 0 for k in ("prefill", "decode", "admit", "tokens"))
+    assert set(spent) == {"prefill", "decode", "join", "admit", "release", "tokens", "idle"}
+    assert all(spent[k] > 0 for k in ("prefill", "decode", "join", "admit", "tokens")), spent
     assert sum(v for k, v in spent.items() if k != "idle") <= wall * 1.05 + 0.05

@@ -202,8 +202,8 @@ def test_engine_target_errors_and_sweep(engine):
 def test_probe_counts_only_the_measured_requests(engine):
     """The probe is read around the measured part: the engine's counters over it match the
     load (every measured token, no warm-up token), and prefill work is accounted for."""
-    fields = ("steps", "prefill_steps", "prefill_s", "decode_s", "generated_tokens", "admit_s",
-              "release_s", "tokens_s", "idle_s")
+    fields = ("steps", "prefill_steps", "prefill_s", "decode_s", "generated_tokens", "join_s",
+              "admit_s", "release_s", "tokens_s", "idle_s")
 
     async def probe():
         stats = engine.stats()
@@ -217,7 +217,9 @@ def test_probe_counts_only_the_measured_requests(engine):
     assert 0 < c["prefill_steps"] <= c["steps"] and c["prefill_s"] > 0 and c["decode_s"] > 0
     # every request went into the batch, handed tokens over and left it
     assert c["admit_s"] > 0 and c["tokens_s"] > 0 and c["release_s"] > 0 and c["idle_s"] >= 0
-    busy = c["prefill_s"] + c["decode_s"] + c["admit_s"] + c["release_s"] + c["tokens_s"]
+    assert c["join_s"] > 0   # the prefilled sequences moved into the decode batch
+    busy = (c["prefill_s"] + c["decode_s"] + c["join_s"] + c["admit_s"] + c["release_s"]
+            + c["tokens_s"])
     assert busy <= result.duration_s * 1.05 + 0.05
     assert result.to_dict()["counters"] == c
 
@@ -244,7 +246,7 @@ def test_compare_drives_every_path_at_every_level_and_reports_against_the_first(
     first = [line.split(" | ") for line in table[2:] if " first " in line]
     assert all(cells[3] == "1.000" and cells[4] == "1.000 (1.000–1.000)" for cells in first)
     shares = [cells[10].strip(" |").split(" / ") for cells in first]
-    assert all(len(s) == 5 and all(x.isdigit() for x in s) for s in shares)
+    assert all(len(s) == 6 and all(x.isdigit() for x in s) for s in shares)
     assert "failed" not in "\n".join(table)
 
     # A run with failed requests is marked: it did less work than its neighbours.
