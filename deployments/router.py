@@ -315,12 +315,14 @@ class Router:
     async def _resolve(self, model: str, key: str = "") -> tuple[Route, str]:
         """The route for a request (sticky ``key``) and the model name it asks for."""
         route = self._traffic.route(key)
-        if model in await self._catalog.names(route.variant):
-            return route, model
         stable = self._traffic.table["stable"]
+        if route.variant != stable:
+            if model in await self._catalog.names(route.variant):
+                return route, model
+            route = Route(stable, None, route.epoch)  # the canary lacks it: no sample
         names = await self._catalog.require(stable)
-        if route.variant != stable and model in names:
-            return Route(stable, None, route.epoch), model  # the canary lacks it: no sample
+        if model in names:
+            return route, model
         raise HTTPError(404, f"the model {model!r} does not exist; served: {names}",
                         type="not_found_error", param="model", code="model_not_found")
 

@@ -449,8 +449,9 @@ class Scheduler:
             if seq is not None:   # None: a retired sequence's garbage token
                 self._on_token(runner, seq, response)
         self.counters.tokens_s += time.perf_counter() - started
-        # before the readers wake (after every runner's step): a request's end is seen once
-        # its slot is free
+        # before the readers wake (in _run, after every runner's step): a reader woken by
+        # its request's end finds the slot free (one that is already reading may see the
+        # end a moment earlier)
         runner.release_due(self.counters.steps, self.config.prefill_wait_steps)
 
     def _on_token(self, runner: ModelRunner, seq: Sequence, response) -> None:

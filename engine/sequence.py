@@ -76,10 +76,10 @@ class Sequence:
     def deadline(self) -> float | None:
         """When the request's ``timeout_s`` runs out (monotonic clock), if it has one: from
         its submission here, or from its ``deadline_at`` where that comes first."""
-        timeout, at = self.request.timeout_s, self.request.deadline_at
-        candidates = ([] if timeout is None else [self.submitted_at + timeout]) + \
-                     ([] if at is None else [self.submitted_at + (at - self.submitted_wall)])
-        return min(candidates) if candidates else None
+        at = self.request.deadline_at
+        budgets = [b for b in (self.request.timeout_s,
+                               None if at is None else at - self.submitted_wall) if b is not None]
+        return self.submitted_at + min(budgets) if budgets else None
 
     @property
     def remaining_tokens(self) -> int:
