@@ -136,12 +136,10 @@ async def sweep_endpoint(endpoint: Endpoint, args: argparse.Namespace, levels: l
     results = []
     probe = None
     if endpoint.name == SERVER_NAMES["ours"]:
-        from mlx_serving.bench.replicas import (ENGINE_TTFT, FINISHED, QUEUED, STEPS, TOKENS,
-                                                settled_counters_by_replica)
+        from mlx_serving.bench.replicas import PROBED, settled_counters_by_replica
 
         async def probe():   # each replica's engine counters over the level
-            return await settled_counters_by_replica(
-                endpoint.url, names=(TOKENS, STEPS, FINISHED, QUEUED, ENGINE_TTFT))
+            return await settled_counters_by_replica(endpoint.url, names=PROBED)
     async with HttpTarget(endpoint.url, endpoint.model, args.api_key,
                           max_connections=max(lv.concurrency for lv in levels) + 8,
                           extra_body=endpoint.extra_body) as target:
@@ -217,9 +215,10 @@ def server_options(args: argparse.Namespace, model: str) -> ServerOptions:
 def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -> list[str]:
     """A line per server whose results carry counters by replica: at each level (first
     run), each replica's share of the tokens, its engine steps per second and its tokens
-    per step, busiest replica first; then the engine's mean queue time and TTFT over
-    every replica's requests (the client's TTFT less these is the serving path's share)."""
-    from mlx_serving.bench.replicas import ENGINE_TTFT, FINISHED, QUEUED, STEPS, TOKENS, of_metric
+    per step, busiest replica first; then the mean TTFT as the client, the Routers and the
+    engines saw it, and the engines' mean queue time (each is a share of the one before)."""
+    from mlx_serving.bench.replicas import (ENGINE_TTFT, FINISHED, QUEUED, ROUTER_TTFT_COUNT,
+                                            ROUTER_TTFT_SUM, STEPS, TOKENS, of_metric)
 
     lines = []
     for label, by_level in runs.items():
@@ -239,10 +238,13 @@ def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -
                                 for rep, n in zip(order, steps))
             part = f"{level}: tokens {shares}, steps/s {rates}, tokens per step {per_step}"
             finished = sum(of_metric(counters, FINISHED).values())
-            if finished:
+            routed = sum(of_metric(counters, ROUTER_TTFT_COUNT).values())
+            if finished and routed:
                 queued = 1000 * sum(of_metric(counters, QUEUED).values()) / finished
                 ttft = 1000 * sum(of_metric(counters, ENGINE_TTFT).values()) / finished
-                part += f", engine queue / TTFT mean {queued:.0f} / {ttft:.0f} ms"
+                router = 1000 * sum(of_metric(counters, ROUTER_TTFT_SUM).values()) / routed
+                part += (f", TTFT mean client / Router / engine {r.ttft_ms['mean']:.0f} / "
+                         f"{router:.0f} / {ttft:.0f} ms, engine queue {queued:.0f} ms")
             parts.append(part)
         if parts:
             lines.append(f"\n{label}, by replica (busiest first): " + "; ".join(parts))

@@ -116,6 +116,10 @@ STEPS = "mlx_serving:engine_steps_total"
 FINISHED = "mlx_serving:requests_finished_total"
 QUEUED = "mlx_serving:request_queue_seconds_total"
 ENGINE_TTFT = "mlx_serving:request_engine_ttft_seconds_total"
+ROUTER_TTFT_SUM = "mlx_serving:time_to_first_token_seconds_sum"       # from the Router's arrival
+ROUTER_TTFT_COUNT = "mlx_serving:time_to_first_token_seconds_count"
+# what bench llm reads from our application around each level
+PROBED = (TOKENS, STEPS, FINISHED, QUEUED, ENGINE_TTFT, ROUTER_TTFT_SUM, ROUTER_TTFT_COUNT)
 
 
 def counters_by_replica(url: str, names: tuple[str, ...] = (TOKENS,)) -> dict[str, float]:

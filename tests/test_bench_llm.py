@@ -157,10 +157,14 @@ def test_report_gives_each_replicas_share_of_the_tokens_and_its_step_rate():
     # with the engine's request timings, the level also says where TTFT went
     f, q, e = ("mlx_serving:requests_finished_total", "mlx_serving:request_queue_seconds_total",
                "mlx_serving:request_engine_ttft_seconds_total")
+    rs, rc = ("mlx_serving:time_to_first_token_seconds_sum",
+              "mlx_serving:time_to_first_token_seconds_count")
     runs["mlx-serving"][0][0].counters.update({f"{f}@a": 2.0, f"{f}@b": 2.0, f"{q}@a": 0.1,
-                                               f"{q}@b": 0.1, f"{e}@a": 0.3, f"{e}@b": 0.5})
+                                               f"{q}@b": 0.1, f"{e}@a": 0.3, f"{e}@b": 0.5,
+                                               f"{rs}@router1": 1.2, f"{rc}@router1": 4.0})
     assert replica_shares(runs, ["c=32", "c=64"])[0].endswith(
-        "tokens per step 15.0/10.0, engine queue / TTFT mean 50 / 200 ms")
+        "tokens per step 15.0/10.0, TTFT mean client / Router / engine 12 / 300 / 200 ms, "
+        "engine queue 50 ms")
 
 
 def test_guidellm_report_is_read_as_a_load_result():
