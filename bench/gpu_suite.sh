@@ -22,6 +22,8 @@
 #                                   GPUS_REPEATS override the levels and the repeats)
 #         canary-gpus               the canary rollback drill, stable and canary on a GPU each
 #         process-SIZE              engine in-process vs in a child process, no Ray
+#         prefix-SIZE               the engine's prefix cache off and on, in-process, chat
+#                                   prompts with no and with a shared 200-word system prompt
 #         llm-SIZE[-q4]             mlx-serving bench llm --compare: ours vs mlx_lm.server
 #                                   (bf16, or 4-bit with -q4), 1-128 streams (LLM_LEVELS
 #                                   overrides the levels, LLM_ARGS adds bench llm flags)
@@ -91,6 +93,10 @@ for step in "$@"; do
       path=$(model "$size")
       "$py" -m mlx_serving.bench.process --model "$path" --concurrency 8 32 64 \
         --gil-load 0.3 | tee "$out/$step.md" ;;
+    prefix-*)
+      path=$(model "${step#prefix-}")
+      "$py" -m mlx_serving.bench.prefix_cache --model "$path" --json "$out/$step.json" \
+        | tee "$out/$step.md" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
