@@ -1,17 +1,50 @@
-"""Warm a model up at load time so the first real request pays no compile or allocation cost."""
+"""Warm a model up at load time so the first real request pays no compile or allocation cost.
+
+MLX's CUDA backend compiles many kernels on first use (NVRTC, cached on disk under
+``MLX_PTX_CACHE_DIR``, by default in the temp directory): on a fresh machine each new kernel
+costs up to seconds on the engine thread. So the warm-up goes through every change of the
+batch's membership that serving makes, not only a prefill and a few steps: sequences joining
+a decoding batch, one leaving with its KV cache extracted (as for the prefix cache), one
+starting from such a cache, and a sampling sampler beside the greedy one.
+"""
 
 from __future__ import annotations
 
+from mlx_lm.sample_utils import make_sampler
+
 from mlx_serving.engine.runner import ModelRunner
 
-_PROMPTS = ([1, 2, 3, 4, 5, 6, 7, 8], [3, 2, 1])  # two lengths: exercises padding and batching
-_TOKENS = 4
+_TOKENS = 8
 
 
 def warm_up(runner: ModelRunner) -> None:
-    """Prefill and decode a small batch through the runner's own BatchGenerator."""
+    """Drive the runner's own BatchGenerator through prefill, decode, a join, a leave with
+    the cache extracted and a start from that cache; returns with the batch empty."""
     batch = runner.batch
-    uids = set(batch.insert([list(p) for p in _PROMPTS], max_tokens=[_TOKENS] * len(_PROMPTS)))
-    while uids:
-        _, responses = batch.next()
-        uids -= {r.uid for r in responses if r.finish_reason is not None}
+    vocab = runner.loaded.vocab_size
+
+    def prompt(n: int, start: int) -> list[int]:
+        return [(start + i) % (vocab - 1) + 1 for i in range(n)]
+
+    def step_until(done) -> None:
+        for _ in range(8 * _TOKENS):   # a bound: every sequence ends within _TOKENS steps
+            if done():
+                return
+            batch.next()
+        raise RuntimeError("the warm-up generation did not end")
+
+    def decoding() -> int:
+        return len(batch._generation_batch)
+
+    # Two lengths (padding) prefilled together, then decoding.
+    _, short = batch.insert([prompt(24, 1), prompt(3, 7)], max_tokens=[_TOKENS, 2 * _TOKENS])
+    step_until(lambda: decoding() == 2)
+    # A join while the batch decodes, with a sampling sampler beside the greedy ones.
+    batch.insert([prompt(5, 11)], max_tokens=[_TOKENS],
+                 samplers=[make_sampler(temp=1.0, top_p=0.9, top_k=8)])
+    step_until(lambda: decoding() == 3)
+    # One leaves with its cache extracted (a finished sequence's gift to the prefix cache),
+    # and a new one starts from that cache.
+    cache, tokens = batch.remove([short], return_prompt_caches=True)[short]
+    batch.insert([prompt(2, 13)], max_tokens=[_TOKENS], caches=[cache], all_tokens=[tokens])
+    step_until(lambda: runner.sequences_in_batch() == 0)
