@@ -41,7 +41,7 @@ def warm_up(runner: ModelRunner) -> None:
     step_until(lambda: decoding() == 2)
     # A join while the batch decodes, with a sampling sampler beside the greedy ones.
     batch.insert([prompt(5, 11)], max_tokens=[_TOKENS],
-                 samplers=[make_sampler(temp=1.0, top_p=0.9, top_k=8)])
+                 samplers=[make_sampler(temp=1.0, top_p=0.9, top_k=min(8, vocab - 1))])
     step_until(lambda: decoding() == 3)
     # One leaves with its cache extracted (a finished sequence's gift to the prefix cache),
     # and a new one starts from that cache.
