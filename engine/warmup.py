@@ -27,7 +27,7 @@ def warm_up(runner: ModelRunner) -> None:
         return [(start + i) % (vocab - 1) + 1 for i in range(n)]
 
     def step_until(done) -> None:
-        for _ in range(8 * _TOKENS):   # a bound: every sequence ends within _TOKENS steps
+        for _ in range(8 * _TOKENS):   # a bound well above the few steps each phase takes
             if done():
                 return
             batch.next()
