@@ -216,9 +216,11 @@ def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -
     """A line per server whose results carry counters by replica: at each level (first
     run), each replica's share of the tokens, its engine steps per second and its tokens
     per step, busiest replica first; then the mean TTFT as the client, the Routers and the
-    engines saw it, and the engines' mean queue time (each is a share of the one before)."""
-    from mlx_serving.bench.replicas import (ENGINE_TTFT, FINISHED, QUEUED, ROUTER_TTFT_COUNT,
-                                            ROUTER_TTFT_SUM, STEPS, TOKENS, of_metric)
+    engines saw it, and the engines' mean queue time (each is a share of the one before);
+    then the engine threads' time by activity, as a share of the level's wall time."""
+    from mlx_serving.bench.replicas import (ENGINE_ACTIVITIES, ENGINE_TTFT, FINISHED, QUEUED,
+                                            ROUTER_TTFT_COUNT, ROUTER_TTFT_SUM, STEPS, TOKENS,
+                                            engine_seconds, of_metric)
 
     lines = []
     for label, by_level in runs.items():
@@ -245,6 +247,12 @@ def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -
                 router = 1000 * sum(of_metric(counters, ROUTER_TTFT_SUM).values()) / routed
                 part += (f", TTFT mean client / Router / engine {r.ttft_ms['mean']:.0f} / "
                          f"{router:.0f} / {ttft:.0f} ms, engine queue {queued:.0f} ms")
+            seconds = [sum(of_metric(counters, engine_seconds(a)).values())
+                       for a in ENGINE_ACTIVITIES]
+            if any(seconds):
+                wall = r.duration_s * len(tokens)
+                part += (f", engine time % {' / '.join(ENGINE_ACTIVITIES)} "
+                         + " / ".join(f"{100 * x / wall:.0f}" for x in seconds))
             parts.append(part)
         if parts:
             lines.append(f"\n{label}, by replica (busiest first): " + "; ".join(parts))

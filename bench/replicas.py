@@ -118,8 +118,20 @@ QUEUED = "mlx_serving:request_queue_seconds_total"
 ENGINE_TTFT = "mlx_serving:request_engine_ttft_seconds_total"
 ROUTER_TTFT_SUM = "mlx_serving:time_to_first_token_seconds_sum"       # from the Router's arrival
 ROUTER_TTFT_COUNT = "mlx_serving:time_to_first_token_seconds_count"
+ENGINE_SECONDS = "mlx_serving:engine_thread_seconds_total"
+# not "idle": it is the rest of the wall time
+ENGINE_ACTIVITIES = ("prefill", "decode", "join", "admit", "release", "tokens")
+
+
+def engine_seconds(activity: str) -> str:
+    """The name under which ``counters_by_replica`` reads the engine thread's seconds in
+    ``activity``."""
+    return f'{ENGINE_SECONDS}{{activity="{activity}"}}'
+
+
 # what bench llm reads from our application around each level
-PROBED = (TOKENS, STEPS, FINISHED, QUEUED, ENGINE_TTFT, ROUTER_TTFT_SUM, ROUTER_TTFT_COUNT)
+PROBED = (TOKENS, STEPS, FINISHED, QUEUED, ENGINE_TTFT, ROUTER_TTFT_SUM, ROUTER_TTFT_COUNT,
+          *map(engine_seconds, ENGINE_ACTIVITIES))
 
 
 def counters_by_replica(url: str, names: tuple[str, ...] = (TOKENS,)) -> dict[str, float]:
@@ -137,11 +149,14 @@ def of_metric(counters: dict[str, float], name: str) -> dict[str, float]:
 
 
 def parse_by_replica(metrics: str, name: str) -> dict[str, float]:
-    """The samples of the metric ``name`` summed by replica label."""
+    """The samples of the metric ``name`` summed by replica label. ``name`` may name one
+    label too, ``metric{label="value"}``, to keep only the samples that carry it."""
+    base, _, label = name.partition("{")
+    label = label.rstrip("}")
     out: dict[str, float] = {}
     for line in metrics.splitlines():
         m = _SAMPLE.match(line)
-        if m and m["name"] == name:
+        if m and m["name"] == base and (not label or label in m["labels"].split(",")):
             replica = _REPLICA.search(m["labels"])
             if replica:
                 out[replica[1]] = out.get(replica[1], 0.0) + float(m["value"])
@@ -151,10 +166,16 @@ def parse_by_replica(metrics: str, name: str) -> dict[str, float]:
 async def settled_counters_by_replica(url: str, previous: dict[str, float] | None = None,
                                       names: tuple[str, ...] = (TOKENS,),
                                       wait_s: float = 3.0) -> dict[str, float]:
-    """``counters_by_replica`` once they stop moving (Telemetry gets them each second)."""
+    """``counters_by_replica`` once the work counted by ``TOKENS`` and ``STEPS`` (where
+    asked for) stops moving (Telemetry gets them each second). Other counters may keep
+    moving a little while the engine idles, e.g. the engine thread's seconds."""
+    def work(counters: dict[str, float] | None) -> dict[str, float] | None:
+        return None if counters is None else {
+            k: v for k, v in counters.items() if k.partition("@")[0] in (TOKENS, STEPS)}
+
     await asyncio.sleep(wait_s)
     current = await asyncio.to_thread(counters_by_replica, url, names)
-    while current != previous:
+    while work(current) != work(previous):
         previous = current
         await asyncio.sleep(wait_s)
         current = await asyncio.to_thread(counters_by_replica, url, names)

@@ -166,6 +166,16 @@ def test_report_gives_each_replicas_share_of_the_tokens_and_its_step_rate():
         "tokens per step 15.0/10.0, TTFT mean client / Router / engine 12 / 300 / 200 ms, "
         "engine queue 50 ms")
 
+    # with the engine threads' seconds by activity, their shares of the level's wall time
+    # (two replicas over 1 s: 2 s of engine time in all)
+    seconds = 'mlx_serving:engine_thread_seconds_total{activity="%s"}'
+    runs["mlx-serving"][0][0].counters.update({f"{seconds % 'decode'}@a": 0.6,
+                                               f"{seconds % 'decode'}@b": 0.4,
+                                               f"{seconds % 'join'}@b": 0.2})
+    assert replica_shares(runs, ["c=32", "c=64"])[0].endswith(
+        "engine queue 50 ms, engine time % prefill / decode / join / admit / release / tokens "
+        "0 / 50 / 10 / 0 / 0 / 0")
+
 
 def test_guidellm_report_is_read_as_a_load_result():
     def dist(values):

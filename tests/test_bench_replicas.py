@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from mlx_serving.bench.loadgen import LoadResult
-from mlx_serving.bench.replicas import (STEPS, TOKENS, ScalingRun, parse_by_replica, report,
-                                         scaling_config)
+from mlx_serving.bench.replicas import (STEPS, TOKENS, ScalingRun, engine_seconds,
+                                         parse_by_replica, report, scaling_config)
 
 
 def test_one_replica_per_node_with_the_node_resource(tmp_path):
@@ -32,6 +32,17 @@ def test_tokens_are_summed_by_replica():
     assert parse_by_replica(text, STEPS) == {"a": 7.0}
 
 
+def test_a_label_in_the_name_keeps_only_its_samples():
+    text = "\n".join([
+        'mlx_serving:engine_thread_seconds_total{activity="decode",replica="a"} 4.0',
+        'mlx_serving:engine_thread_seconds_total{activity="join",replica="a"} 1.0',
+        'mlx_serving:engine_thread_seconds_total{activity="decode",replica="b"} 3.0',
+        'mlx_serving:engine_thread_seconds_total{activity="decode_extra",replica="b"} 9.0',
+    ])
+    assert parse_by_replica(text, engine_seconds("decode")) == {"a": 4.0, "b": 3.0}
+    assert parse_by_replica(text, engine_seconds("join")) == {"a": 1.0}
+
+
 def test_table_gives_efficiency_against_one_replica_and_the_spread():
     def load(n: int, tok_s: float) -> LoadResult:
         return LoadResult(concurrency=8 * n, requests_ok=32 * n, requests_failed=0,
@@ -47,3 +58,24 @@ def test_table_gives_efficiency_against_one_replica_and_the_spread():
     table = report(runs).splitlines()
     assert table[2].startswith("| 1 | 8 | 100.0 | 100.0 | 1.00 | 100% |")
     assert table[3].startswith("| 2 | 16 | 180.0 | 90.0 | 0.90 | 56% / 44% |")
+
+
+def test_counters_settle_on_the_work_done_while_other_counters_keep_moving(monkeypatch):
+    # Regression: bench llm waited for every probed counter to stop moving, but the engine
+    # thread's seconds grow a little on every idle turn, so a level never ended.
+    import asyncio
+    import itertools
+
+    from mlx_serving.bench import replicas
+
+    ticks = itertools.count()
+
+    def counters(url, names):
+        tick = next(ticks)
+        return {f"{TOKENS}@a": float(min(tick, 2)), f"{STEPS}@a": float(min(tick, 3)),
+                f"{engine_seconds('tokens')}@a": 0.001 * tick}
+    monkeypatch.setattr(replicas, "counters_by_replica", counters)
+
+    settled = asyncio.run(asyncio.wait_for(replicas.settled_counters_by_replica(
+        "http://unused", names=replicas.PROBED, wait_s=0.0), timeout=5))
+    assert settled[f"{TOKENS}@a"] == 2.0 and settled[f"{STEPS}@a"] == 3.0
