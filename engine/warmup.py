@@ -10,9 +10,9 @@ starting from such a cache, and a sampling sampler beside the greedy one.
 
 from __future__ import annotations
 
-from mlx_lm.sample_utils import make_sampler
-
+from mlx_serving.engine.params import SamplingParams
 from mlx_serving.engine.runner import ModelRunner
+from mlx_serving.engine.sampling import sampler_for
 
 _TOKENS = 8
 
@@ -39,9 +39,10 @@ def warm_up(runner: ModelRunner) -> None:
     # Two lengths (padding) prefilled together, then decoding.
     _, short = batch.insert([prompt(24, 1), prompt(3, 7)], max_tokens=[_TOKENS, 2 * _TOKENS])
     step_until(lambda: decoding() == 2)
-    # A join while the batch decodes, with a sampling sampler beside the greedy ones.
-    batch.insert([prompt(5, 11)], max_tokens=[_TOKENS],
-                 samplers=[make_sampler(temp=1.0, top_p=0.9, top_k=min(8, vocab - 1))])
+    # A join while the batch decodes, with a sampling sampler (the one the engine would give
+    # a request) beside the greedy ones.
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, top_k=min(8, vocab - 1))
+    batch.insert([prompt(5, 11)], max_tokens=[_TOKENS], samplers=[sampler_for(sampled)])
     step_until(lambda: decoding() == 3)
     # One leaves with its cache extracted (a finished sequence's gift to the prefix cache),
     # and a new one starts from that cache.
