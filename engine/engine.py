@@ -50,7 +50,8 @@ class EngineStats:
     prefix_cache_misses: int
     steps: int
     prefill_steps: int  # steps that also processed prompt tokens
-    prefill_s: float    # time in prompt processing (mlx-lm's BatchGenerator counters)
+    prefill_s: float    # time in prompt processing (mlx-lm's BatchGenerator counters); the
+                        # host's part: the device's part delays the next decode step
     decode_s: float     # time in decode steps
     # the engine thread's time outside those two (see SchedulerCounters, HostTimes)
     join_s: float       # BatchGenerator's steps beyond them: prefilled sequences joining

@@ -1,8 +1,8 @@
 """When waiting prompts join a batch that is decoding.
 
-Every time new prompts join a decoding batch, mlx-lm's BatchGenerator runs a prompt pass for
-them, a first decode step for them alone and a merge of their KV caches into the batch's,
-while the running sequences wait. Over HTTP, requests arrive one at a time, a few
+Every time new prompts join a decoding batch, the batch runs a prompt pass for them and
+merges their KV caches into the batch's (a copy of every layer's cache), while the running
+sequences wait. Over HTTP, requests arrive one at a time, a few
 milliseconds apart, so admitting each one at the next step pays that cost once per request.
 The gate holds arrivals for a few decode steps so that they join in groups, the rule TGI's
 router applies with ``--max-waiting-tokens`` and ``--waiting-served-ratio``: waiting

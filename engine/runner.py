@@ -1,4 +1,5 @@
-"""One loaded model and its continuous batch (mlx-lm's BatchGenerator).
+"""One loaded model and its continuous batch (mlx-lm's BatchGenerator, with the cheaper
+joins of ``engine.batch``).
 
 Used only from the engine thread. The runner hides BatchGenerator's uids and cache
 handling: sequences go in, pause, resume and leave; caches of leaving sequences feed the
@@ -18,9 +19,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.generate import StopSequences
 from mlx_lm.models.cache import trim_prompt_cache
 
+from mlx_serving.engine.batch import ServingBatchGenerator
 from mlx_serving.engine.config import EngineConfig
 from mlx_serving.engine.model import LoadedModel
 from mlx_serving.engine.prefix_cache import PrefixCache
@@ -40,8 +42,8 @@ class HostTimes:
     admit_s: float = 0.0    # prefix-cache lookups and inserts (new and resumed sequences)
     release_s: float = 0.0  # removals: cache extraction, the batch's filter, prefix-cache stores
     join_s: float = 0.0     # BatchGenerator steps outside mlx-lm's prompt and decode timers:
-                            # prefilled sequences joining the decode batch (their first step,
-                            # the merge of their caches)
+                            # prefilled sequences joining the decode batch (the merge of
+                            # their caches)
 
 
 @dataclass
@@ -65,9 +67,9 @@ class ModelRunner:
         self.host_times = HostTimes()
         self.batch = self._new_batch()
 
-    def _new_batch(self) -> BatchGenerator:
+    def _new_batch(self) -> ServingBatchGenerator:
         cfg = self._config
-        return BatchGenerator(
+        return ServingBatchGenerator(
             self.loaded.model,
             completion_batch_size=cfg.max_batch_size,
             prefill_batch_size=cfg.prefill_batch_size,
@@ -147,25 +149,24 @@ class ModelRunner:
         self._insert(seq, seq.prompt_ids[cached:], cache, seq.prompt_ids[:cached])
         self.host_times.admit_s += time.perf_counter() - started
 
-    def remove(self, seq: Sequence, *, to_prefix_cache: bool = True) -> list | None:
-        """Take a running sequence out of the batch; returns its KV cache if it was decoding.
+    def remove(self, seq: Sequence, *, to_prefix_cache: bool = True):
+        """Take a running sequence out of the batch.
 
-        The cache holds every token fed so far, the last generated one included. Unless the
-        caller keeps using it, it is offered to the prefix cache.
+        Returns ``(cache, tokens)`` if it was decoding, else None: its KV cache and the
+        tokens that cache holds, every token fed so far (a sequence that just joined has
+        not been fed its last input token yet). Unless the caller keeps using it, the
+        cache is offered to the prefix cache.
         """
         started = time.perf_counter()
         uid = seq.uid
         self.by_uid.pop(uid, None)
         seq.uid = None
         decoding = seq.first_token_at is not None
-        extracted = self.batch.remove([uid], return_prompt_caches=decoding)
-        cache = None
-        if decoding and uid in extracted:
-            cache, tokens = extracted[uid]
-            if to_prefix_cache:
-                self.prefix_cache.store(tokens, cache)
+        extracted = self.batch.remove([uid], return_prompt_caches=decoding).get(uid)
+        if extracted is not None and to_prefix_cache:
+            self.prefix_cache.store(extracted[1], extracted[0])
         self.host_times.release_s += time.perf_counter() - started
-        return cache
+        return extracted
 
     def retire(self, seq: Sequence, step: int) -> None:
         """A finished sequence leaves the books now and the batch at the next release.
@@ -209,11 +210,14 @@ class ModelRunner:
         """Move a decoding sequence out of the batch, keeping its KV cache for ``resume``.
 
         BatchGenerator samples one token ahead; that token is thrown away here, so the cache
-        is trimmed by one and the last token is fed again on resume (the seeded sampler
-        derives its key from the token index, so the redrawn token is the same).
+        is cut back to the tokens before the last generated one, which is fed again on
+        resume (the seeded sampler derives its key from the token index, so the redrawn
+        token is the same).
         """
-        cache = self.remove(seq, to_prefix_cache=False)
-        trim_prompt_cache(cache, 1)
+        cache, tokens = self.remove(seq, to_prefix_cache=False)
+        excess = len(tokens) - (len(seq.prompt_ids) + len(seq.generated) - 1)
+        if excess:
+            trim_prompt_cache(cache, excess)
         seq.paused_cache = cache
         seq.status = SequenceStatus.PAUSED
 
