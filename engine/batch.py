@@ -7,12 +7,15 @@ weight of the model for a handful of rows) before merging them into the batch. O
 the forward pass and the sync are most of a join's cost, and serving pays it at every
 join, many times per second under load.
 
-``ServingBatchGenerator`` changes three things and nothing else:
+``ServingBatchGenerator`` changes four things and nothing else:
 
 - A prompt pass runs on the device while the host goes on: BatchGenerator waits for it,
   leaving the device idle while the host then hands out tokens and builds the next step.
   (mlx-lm's prompt timer therefore counts only the host's part of a prompt pass; the
   device's part delays the next decode step's results.)
+- Prompt passes can pad their prompts to a multiple of a few tokens: on CUDA, every new
+  (rows, length) shape of a prompt pass costs a build on first use, and served prompts of
+  every length would keep bringing new ones.
 - A prompt batch that moves to decoding whole is handed over as is, without the copy.
 - The joining sequences' last input token (a prompt's last token, or a resumed sequence's
   last generated one) is fed to the batch's next decode step with every other row, instead
@@ -46,10 +49,17 @@ class _JoiningRows(GenerationBatch):
 
 
 class _PromptBatch(PromptProcessingBatch):
+    pad_multiple = 1   # prompt passes pad every prompt to a multiple of this many tokens
+
     def prompt(self, tokens):
         """PromptProcessingBatch.prompt, except that the host does not wait for the last
         chunk: the device runs it while the host hands out the step's tokens and builds the
-        next decode step, which waits for it. (BatchGenerator passes one chunk per call.)"""
+        next decode step, which waits for it. (BatchGenerator passes one chunk per call.)
+
+        Prompts are right-padded to a multiple of ``pad_multiple`` tokens (mlx-lm pads to
+        the longest), and the padding moves to the left of each row's cache, as mlx-lm
+        does with its own.
+        """
         if len(self.uids) != len(tokens):
             raise ValueError("The batch length doesn't match the number of inputs")
         if not tokens:
@@ -57,9 +67,10 @@ class _PromptBatch(PromptProcessingBatch):
         for held, new in zip(self.tokens, tokens):
             held += new
         lengths = [len(t) for t in tokens]
-        padding = [max(lengths) - n for n in lengths]
+        width = -(-max(lengths) // self.pad_multiple) * self.pad_multiple
+        padding = [width - n for n in lengths]
         if max(padding) > 0:
-            inputs = _right_pad_prompts(tokens, max_length=max(lengths))
+            inputs = _right_pad_prompts(tokens, max_length=width)
             for c in self.prompt_cache:
                 c.prepare(lengths=lengths, right_padding=padding)
         else:
@@ -105,10 +116,11 @@ class ServingBatchGenerator(BatchGenerator):
     without the echo of each joining sequence's last input token.
     """
 
-    def __init__(self, model, **kwargs):
+    def __init__(self, model, *, prompt_pad_multiple: int = 1, **kwargs):
         super().__init__(model, **kwargs)
         self._prompt_batch = _PromptBatch.empty(
             self.model, self.sampler, prefill_step_size=self.prefill_step_size)
+        self._prompt_batch.pad_multiple = prompt_pad_multiple
         self._echoes: set[int] = set()   # uids whose next generation response is an echo
 
     def insert_segments(self, segments, max_tokens=None, *args, **kwargs):

@@ -16,6 +16,16 @@ import os
 log = logging.getLogger(__name__)
 
 CUDNN_SDPA_ENV = "MLX_CUDA_USE_CUDNN_SDPA"
+CUDA_PROMPT_PAD_MULTIPLE = 32
+
+
+def prompt_pad_multiple(configured: int | None) -> int:
+    """The multiple prompt passes pad to: ``configured``, else 32 on MLX's CUDA backend
+    (fewer distinct prompt-pass shapes, each costing a build on first use) and 1 elsewhere."""
+    if configured is not None:
+        return configured
+    import mlx.core as mx
+    return CUDA_PROMPT_PAD_MULTIPLE if mx.cuda.is_available() else 1
 
 
 def choose_cudnn_attention(enabled: bool) -> bool:

@@ -24,6 +24,7 @@ from mlx_lm.models.cache import trim_prompt_cache
 
 from mlx_serving.engine.batch import ServingBatchGenerator
 from mlx_serving.engine.config import EngineConfig
+from mlx_serving.engine.cuda_backend import prompt_pad_multiple
 from mlx_serving.engine.model import LoadedModel
 from mlx_serving.engine.prefix_cache import PrefixCache
 from mlx_serving.engine.sampling import logits_processors_for, sampler_for
@@ -74,6 +75,7 @@ class ModelRunner:
             completion_batch_size=cfg.max_batch_size,
             prefill_batch_size=cfg.prefill_batch_size,
             prefill_step_size=cfg.prefill_step_size,
+            prompt_pad_multiple=prompt_pad_multiple(cfg.prompt_pad_multiple),
         )
 
     def reset(self) -> list[Sequence]:

@@ -36,9 +36,9 @@ def loaded(tiny_model_path):
     return LoadedModel(ModelConfig(name="tiny", path=str(tiny_model_path)))
 
 
-def generate_staggered(cls, model) -> tuple[dict[int, list[int]], dict[int, list[float]]]:
+def generate_staggered(cls, model, **kwargs) -> tuple[dict[int, list[int]], dict[int, list[float]]]:
     """Two sequences start, two more join the decoding batch one and three steps later."""
-    batch = cls(model, completion_batch_size=8, prefill_batch_size=2)
+    batch = cls(model, completion_batch_size=8, prefill_batch_size=2, **kwargs)
     tokens: dict[int, list[int]] = {}
     logprobs: dict[int, list[float]] = {}
     arrivals = {0: PROMPTS[:2], 3: PROMPTS[2:3], 5: PROMPTS[3:]}
@@ -53,11 +53,15 @@ def generate_staggered(cls, model) -> tuple[dict[int, list[int]], dict[int, list
     return tokens, logprobs
 
 
-def test_joins_give_batch_generators_tokens_and_logprobs_with_fewer_forward_passes(loaded):
+@pytest.mark.parametrize("pad_multiple", [1, 8])
+def test_joins_give_batch_generators_tokens_and_logprobs_with_fewer_forward_passes(
+        loaded, pad_multiple):
     reference = CountingModel(loaded.model)
     ref_tokens, ref_logprobs = generate_staggered(BatchGenerator, reference)
     ours = CountingModel(loaded.model)
-    tokens, logprobs = generate_staggered(ServingBatchGenerator, ours)
+    # padded prompts: their padding, moved left of each row, is masked out
+    tokens, logprobs = generate_staggered(ServingBatchGenerator, ours,
+                                          prompt_pad_multiple=pad_multiple)
 
     assert all(len(t) == TOKENS for t in ref_tokens.values())
     assert tokens == ref_tokens   # the echoes of the fed tokens are left out
