@@ -9,6 +9,8 @@
 #         serve-SIZE                HTTP / Serve handle / engine in-process (bench.serve)
 #         serve-process-SIZE        the same with the replica's engine in a child process
 #         serve-nogate-SIZE         serve-SIZE with the prefill gate off (prefill_wait_steps=0)
+#         serve-inreplica-SIZE      serve-SIZE with the engine in the replica's own process
+#                                   (the default on a GPU is a child process)
 #         serve-spread[-nogate]-SIZE  serve-SIZE with output lengths spread over 64-192
 #         serve-spread-cudnn-SIZE   ... with cuDNN attention on (cudnn_attention: true; a graph
 #                                   per new prompt shape)
@@ -68,6 +70,7 @@ for step in "$@"; do
       spec=${step#serve-}; flags=(); envs=(MLX_ENABLE_CACHE_THRASHING_CHECK=1)
       [[ $spec == spread-* ]] && { spec=${spec#spread-}; flags+=(--max-tokens-spread 0.5); }
       [[ $spec == nogate-* ]] && { spec=${spec#nogate-}; flags+=(--engine prefill_wait_steps=0); }
+      [[ $spec == inreplica-* ]] && { spec=${spec#inreplica-}; flags+=(--no-engine-process); }
       [[ $spec == cache-* ]] && { spec=cudnn-${spec#cache-}
         envs+=(MLX_CUDA_SDPA_CACHE_SIZE=1024 MLX_CUDA_GRAPH_CACHE_SIZE=1024); }
       [[ $spec == cudnn-* ]] && { spec=${spec#cudnn-}; flags+=(--engine cudnn_attention=true); }

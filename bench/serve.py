@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="override the LLMServer setting (the replica's GIL switch interval)")
     p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                    help="an engine setting for every path, e.g. prefill_batch_size=16 (YAML value)")
-    p.add_argument("--engine-process", action="store_true",
-                   help="the replica runs its engine in a child process (engine_process: true)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="the replica runs its engine in a child process (engine_process: true), "
+                        "or not; default: the application's (a child process on a GPU)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     engine_settings = {}
@@ -147,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                                   ("switch_interval_ms", args.switch_interval_ms))
                 if v is not None}
     config = stable_config(args.model, args.max_batch_size, settings, engine_settings)
-    config["applications"][0]["args"]["variants"]["stable"]["engine_process"] = args.engine_process
+    if args.engine_process is not None:
+        config["applications"][0]["args"]["variants"]["stable"]["engine_process"] = (
+            args.engine_process)
     levels = [(n, Workload(requests=max(16, n * args.requests_per_stream),
                            prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
                            warmup=min(n, 8), seed=n, max_tokens_spread=args.max_tokens_spread))

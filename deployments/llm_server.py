@@ -22,6 +22,7 @@ from mlx_serving.deployments.wire import Chunk, TokenInfo
 from mlx_serving.engine import (Engine, EngineConfig, EngineProcess, GenerationRequest,
                                 RequestOutput)
 from mlx_serving.engine.blas import is_preloaded
+from mlx_serving.engine.cuda_backend import gpu_available
 from mlx_serving.engine.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,13 @@ class InjectedFaultError(EngineError):
 class LLMServer:
     """Serves one variant's models from one Engine; streams coalesced chunks to the Router."""
 
-    def __init__(self, variant: str, engine: dict, telemetry=None, engine_process: bool = False):
+    def __init__(self, variant: str, engine: dict, telemetry=None,
+                 engine_process: bool | None = None):
         route_logs_to_serve()
         self.variant = variant
         config = EngineConfig.model_validate(engine)
+        if engine_process is None:   # see VariantConfig.engine_process
+            engine_process = gpu_available()
         self.engine = EngineProcess(config) if engine_process else Engine(config)
         self.settings = ServerSettings()
         self.replica = replica_id()

@@ -1,13 +1,13 @@
-"""Choices the engine makes for MLX's CUDA backend.
+"""Choices the engine and its replicas make for MLX's GPU backends, CUDA's above all.
 
 MLX runs prompt-pass attention on CUDA through cuDNN's fused kernel and builds one cuDNN
-graph per distinct shape (batch size, prompt length, mask, strides): 10–30 ms on the
+graph per distinct shape (batch size, prompt length, mask, strides): 60–130 ms on an H100's
 engine thread each time a new shape appears. A served engine sees a new (batch, length)
-pair at nearly every prompt pass, so it keeps paying for graphs; MLX's own attention
-kernels need no per-shape build and were as fast or faster for batched prompt passes on an
-H100 (docs/BENCHMARKS.md, run 7). On Metal and CPU nothing here applies.
+pair at nearly every prompt pass, so it keeps paying for graphs. MLX's own attention kernels
+were as fast or faster for batched prompt passes (docs/BENCHMARKS.md, run 7), but a prompt
+pass of a new shape still costs 5–30 ms more on first use (run 10), hence the padding of
+prompts to a multiple of a few tokens. On Metal and CPU only ``gpu_available`` applies.
 """
-
 from __future__ import annotations
 
 import logging
@@ -17,6 +17,12 @@ log = logging.getLogger(__name__)
 
 CUDNN_SDPA_ENV = "MLX_CUDA_USE_CUDNN_SDPA"
 CUDA_PROMPT_PAD_MULTIPLE = 32
+
+
+def gpu_available() -> bool:
+    """Whether MLX runs on a GPU here (CUDA or Metal), without creating a device context."""
+    import mlx.core as mx
+    return mx.cuda.is_available() or mx.metal.is_available()
 
 
 def prompt_pad_multiple(configured: int | None) -> int:

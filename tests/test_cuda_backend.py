@@ -1,12 +1,15 @@
-"""The engine's choice of attention kernels on MLX's CUDA backend."""
+"""The engine's choices for MLX's GPU backends: attention kernels, prompt padding, where the
+replica's engine runs."""
 
 import logging
 import os
 
+import mlx.core as mx
 import pytest
 
 from mlx_serving.engine import Engine, EngineConfig
-from mlx_serving.engine.cuda_backend import CUDNN_SDPA_ENV, choose_cudnn_attention
+from mlx_serving.engine.cuda_backend import (CUDNN_SDPA_ENV, choose_cudnn_attention,
+                                             gpu_available, prompt_pad_multiple)
 
 
 @pytest.mark.parametrize("enabled, value", [(False, "0"), (True, "1")])
@@ -31,3 +34,14 @@ def test_an_engine_turns_cudnn_attention_off_by_default(monkeypatch):
         assert os.environ[CUDNN_SDPA_ENV] == "0"
     finally:
         engine.shutdown()
+
+
+def test_prompt_padding_defaults_to_the_backend():
+    # padding only pays where a new prompt-pass shape costs a build (CUDA)
+    assert prompt_pad_multiple(None) == (32 if mx.cuda.is_available() else 1)
+    assert prompt_pad_multiple(5) == 5
+
+
+def test_gpu_available_matches_the_default_device():
+    # decides whether a replica's engine runs in a child process by default
+    assert gpu_available() == (mx.default_device() == mx.gpu)
