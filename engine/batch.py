@@ -3,9 +3,9 @@
 When prefilled sequences join the decode batch, BatchGenerator splits them off the prompt
 batch (a deep copy of their KV caches, a gather of each layer and a host sync to read the
 padding), then runs a first decode step for them alone (a forward pass that reads every
-weight of the model for a handful of rows) before merging them into the batch. On a GPU
-the forward pass and the sync are most of a join's cost, and serving pays it at every
-join, many times per second under load.
+weight of the model for a handful of rows) before merging them into the batch. It also
+waits for every prompt pass. The running sequences wait through all of it, and serving
+joins many times per second under load.
 
 ``ServingBatchGenerator`` changes four things and nothing else:
 
