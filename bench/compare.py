@@ -17,8 +17,8 @@ import statistics
 from mlx_serving.bench.loadgen import LoadResult, Probe, Target, Workload, run_load
 
 ENGINE_COUNTERS = ("steps", "prefill_steps", "prefill_s", "decode_s", "generated_tokens", "pauses",
-                   "finished", "queued_s", "ttft_s", "join_s", "admit_s", "release_s", "tokens_s",
-                   "idle_s")
+                   "finished", "queued_s", "ttft_s", "to_decode_s", "to_decode_steps",
+                   "to_token_steps", "join_s", "admit_s", "release_s", "tokens_s", "idle_s")
 
 Runs = dict[int, dict[str, list[LoadResult]]]  # concurrency -> path -> one result per repeat
 
@@ -72,15 +72,18 @@ def _engine_time(results: list[LoadResult]) -> str:
 
 
 def _engine_ttft(results: list[LoadResult]) -> str:
-    """Medians of the engine's mean queue time and mean TTFT (from its arrival at the
-    engine; a request ended before its first token counts 0); the client's TTFT less this
-    is the serving path's share."""
+    """Medians of the engine's mean queue time, mean time from admission to the decode
+    batch (and its steps), and mean TTFT (from its arrival at the engine; a request ended
+    before its first token counts 0); the client's TTFT less this is the serving path's
+    share."""
     counted = [r.counters for r in results if r.counters and r.counters["finished"]]
     if not counted:
         return "-"
-    queued = _median([1000 * c["queued_s"] / c["finished"] for c in counted])
-    ttft = _median([1000 * c["ttft_s"] / c["finished"] for c in counted])
-    return f"{queued:.0f} / {ttft:.0f}"
+
+    def mean(key: str, scale: float = 1000) -> float:
+        return _median([scale * c[key] / c["finished"] for c in counted])
+    return (f"{mean('queued_s'):.0f} / {mean('to_decode_s'):.0f} "
+            f"({mean('to_decode_steps', 1):.1f}) / {mean('ttft_s'):.0f}")
 
 
 def _paired(results: list[LoadResult], baseline: list[LoadResult]) -> str:
@@ -105,7 +108,7 @@ def report(runs: Runs, names: dict[str, str]) -> str:
     baseline = next(iter(names))
     lines = [f"| concurrent | path | tok/s median (min–max) | ÷ {names[baseline]} "
              "| paired ÷, median (min–max) | TTFT p50 ms "
-             "| TTFT mean ms | engine queue / TTFT mean ms | ITL p50 ms "
+             "| TTFT mean ms | engine queue / to decoding (steps) / TTFT mean ms | ITL p50 ms "
              "| engine steps/s / tokens per step / prefill passes / prefill time / pauses "
              "| engine time %: decode / join / admit / release / tokens / idle |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -216,10 +216,13 @@ def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -
     """A line per server whose results carry counters by replica: at each level (first
     run), each replica's share of the tokens, its engine steps per second and its tokens
     per step, busiest replica first; then the mean TTFT as the client, the Routers and the
-    engines saw it, and the engines' mean queue time (each is a share of the one before);
-    then the engine threads' time by activity, as a share of the level's wall time."""
+    engines saw it, and the engines' mean queue time (each is a share of the one before)
+    and time from admission to the decode batch (in ms and engine steps), and the steps
+    from there to the first token; then the engine threads' time by activity, as a share of
+    the level's wall time."""
     from mlx_serving.bench.replicas import (ENGINE_ACTIVITIES, ENGINE_TTFT, FINISHED, QUEUED,
-                                            ROUTER_TTFT_COUNT, ROUTER_TTFT_SUM, STEPS, TOKENS,
+                                            ROUTER_TTFT_COUNT, ROUTER_TTFT_SUM, STEPS,
+                                            TO_DECODE, TO_DECODE_STEPS, TO_TOKEN_STEPS, TOKENS,
                                             engine_seconds, of_metric)
 
     lines = []
@@ -247,6 +250,12 @@ def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -
                 router = 1000 * sum(of_metric(counters, ROUTER_TTFT_SUM).values()) / routed
                 part += (f", TTFT mean client / Router / engine {r.ttft_ms['mean']:.0f} / "
                          f"{router:.0f} / {ttft:.0f} ms, engine queue {queued:.0f} ms")
+                if of_metric(counters, TO_DECODE):
+                    def mean(name: str) -> float:
+                        return sum(of_metric(counters, name).values()) / finished
+                    part += (f", admitted to decoding {1000 * mean(TO_DECODE):.0f} ms "
+                             f"({mean(TO_DECODE_STEPS):.1f} steps), then "
+                             f"{mean(TO_TOKEN_STEPS):.1f} steps to the first token")
             seconds = [sum(of_metric(counters, engine_seconds(a)).values())
                        for a in ENGINE_ACTIVITIES]
             if any(seconds):

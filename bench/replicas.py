@@ -116,6 +116,9 @@ STEPS = "mlx_serving:engine_steps_total"
 FINISHED = "mlx_serving:requests_finished_total"
 QUEUED = "mlx_serving:request_queue_seconds_total"
 ENGINE_TTFT = "mlx_serving:request_engine_ttft_seconds_total"
+TO_DECODE = "mlx_serving:request_to_decode_seconds_total"
+TO_DECODE_STEPS = "mlx_serving:request_to_decode_steps_total"
+TO_TOKEN_STEPS = "mlx_serving:request_to_token_steps_total"
 ROUTER_TTFT_SUM = "mlx_serving:time_to_first_token_seconds_sum"       # from the Router's arrival
 ROUTER_TTFT_COUNT = "mlx_serving:time_to_first_token_seconds_count"
 ENGINE_SECONDS = "mlx_serving:engine_thread_seconds_total"
@@ -130,7 +133,8 @@ def engine_seconds(activity: str) -> str:
 
 
 # what bench llm reads from our application around each level
-PROBED = (TOKENS, STEPS, FINISHED, QUEUED, ENGINE_TTFT, ROUTER_TTFT_SUM, ROUTER_TTFT_COUNT,
+PROBED = (TOKENS, STEPS, FINISHED, QUEUED, ENGINE_TTFT, TO_DECODE, TO_DECODE_STEPS,
+          TO_TOKEN_STEPS, ROUTER_TTFT_SUM, ROUTER_TTFT_COUNT,
           *map(engine_seconds, ENGINE_ACTIVITIES))
 
 

@@ -258,6 +258,13 @@ class _EngineCollector:
                       "arrival at the engine to admission into the batch.", s.queued_s)
         yield counter("request_engine_ttft_seconds", "Summed time of finished requests from "
                       "arrival at the engine to their first token.", s.ttft_s)
+        yield counter("request_to_decode_seconds", "Summed time of finished requests from "
+                      "admission into the batch to joining its decode steps (prompt passed).",
+                      s.to_decode_s)
+        yield counter("request_to_decode_steps", "The same in engine steps.",
+                      s.to_decode_steps)
+        yield counter("request_to_token_steps", "Summed engine steps of finished requests from "
+                      "joining the decode steps to their first token.", s.to_token_steps)
         yield counter("engine_pauses", "Sequences paused because their reader lagged.", s.pauses)
         thread = CounterMetricFamily(
             "mlx_serving:engine_thread_seconds", "The engine thread's time by activity: prompt "

@@ -63,6 +63,9 @@ class EngineStats:
     finished: int       # requests ended, for whatever reason
     queued_s: float     # their summed time from submit to admission into the batch,
     ttft_s: float       # and from submit to the first token (the engine's share of TTFT)
+    to_decode_s: float  # and from admission to joining the decode batch (prompt pass done),
+    to_decode_steps: int  # the same in engine steps,
+    to_token_steps: int   # and engine steps from joining to the first token
     pauses: int     # times a sequence was paused because its reader lagged
     active_memory_bytes: int
     waiting_tokens: int    # prompt tokens of the queued requests
@@ -237,6 +240,9 @@ class Engine:
             finished=s.counters.finished,
             queued_s=s.counters.queued_s,
             ttft_s=s.counters.ttft_s,
+            to_decode_s=s.counters.to_decode_s,
+            to_decode_steps=s.counters.to_decode_steps,
+            to_token_steps=s.counters.to_token_steps,
             pauses=s.counters.paused_total,
             active_memory_bytes=mx.get_active_memory(),
             waiting_tokens=queued.tokens,

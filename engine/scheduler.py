@@ -73,6 +73,9 @@ class SchedulerCounters:
     expired: int = 0        # requests ended by their deadline
     queued_s: float = 0.0   # sums over the finished requests: submit -> admitted,
     ttft_s: float = 0.0     # and submit -> first token (those that got one)
+    to_decode_s: float = 0.0   # admitted -> prompt passed and in the decode batch
+    to_decode_steps: int = 0   # the same in engine steps,
+    to_token_steps: int = 0    # and in the decode batch -> first token
     # the engine thread's time outside mlx-lm's own prompt and decode timers
     tokens_s: float = 0.0   # handing each step's tokens to their requests (detokenize, stop
                             # strings, streams, waking readers)
@@ -312,6 +315,7 @@ class Scheduler:
         self._leave_queue(seq, admitted=True)
         self._hold_kv(seq, seq.kv_bytes)
         seq.admitted_at = time.monotonic()
+        seq.admitted_step = self.counters.steps
         tokenizer = runner.loaded.tokenizer
         seq.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids=seq.prompt_ids)
         if seq.params.stop:
@@ -444,6 +448,11 @@ class Scheduler:
         started = time.perf_counter()
         self.counters.steps += 1
         self.counters.prefill_steps += bool(prompt_responses)
+        for response in prompt_responses:
+            if response.end_of_prompt:   # prompt passed: it joins the decode batch now
+                seq = runner.by_uid.get(response.uid)
+                if seq is not None and seq.joined_at is None:
+                    seq.joined_at, seq.joined_step = time.monotonic(), self.counters.steps
         for response in responses:
             seq = runner.by_uid.get(response.uid)
             if seq is not None:   # None: a retired sequence's garbage token
@@ -458,6 +467,7 @@ class Scheduler:
         token = response.token
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
+            seq.first_token_step = self.counters.steps
         seq.generated.append(token)
         self.counters.generated_tokens += 1
         params = seq.params
@@ -530,6 +540,11 @@ class Scheduler:
         )
         self.counters.queued_s += timings.queued_s
         self.counters.ttft_s += timings.ttft_s
+        if seq.joined_at is not None:
+            self.counters.to_decode_s += seq.joined_at - seq.admitted_at
+            self.counters.to_decode_steps += seq.joined_step - seq.admitted_step
+            if first:
+                self.counters.to_token_steps += seq.first_token_step - seq.joined_step
         self._push(seq, delta)
 
     def _abort_all(self, message: str) -> None:

@@ -58,7 +58,12 @@ class Sequence:
     submitted_at: float = field(default_factory=time.monotonic)
     submitted_wall: float = field(default_factory=time.time)
     admitted_at: float | None = None
+    joined_at: float | None = None     # prompt pass done, in the decode batch (first time)
     first_token_at: float | None = None
+    # engine steps (SchedulerCounters.steps) at admission, joining and the first token
+    admitted_step: int = 0
+    joined_step: int = 0
+    first_token_step: int = 0
 
     @property
     def request_id(self) -> str:

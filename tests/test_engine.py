@@ -362,6 +362,13 @@ def test_stats_sum_the_queue_time_and_ttft_of_finished_requests(tiny_model_path)
         assert after.queued_s - before.queued_s == pytest.approx(sum(t.queued_s for t in timings))
         assert after.ttft_s - before.ttft_s == pytest.approx(sum(t.ttft_s for t in timings))
         assert all(0 <= t.queued_s < t.ttft_s for t in timings)
+        # from admission, each waited for and ran its prompt pass, then joined the decode
+        # batch; there its last prompt token is fed with the next step (the echo), and the
+        # step after that returns its first token
+        to_decode = after.to_decode_s - before.to_decode_s
+        assert 0 < to_decode < sum(t.ttft_s - t.queued_s for t in timings)
+        assert after.to_decode_steps - before.to_decode_steps >= 3
+        assert after.to_token_steps - before.to_token_steps == 3 * 2
     finally:
         eng.shutdown()
 
