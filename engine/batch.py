@@ -92,9 +92,7 @@ class _PromptBatch(PromptProcessingBatch):
             return super().split(indices)
         moved = self.__class__.__new__(self.__class__)
         moved.__dict__.update(self.__dict__)
-        self.uids, self.prompt_cache, self.tokens = [], [], []
-        self.samplers, self.logits_processors, self.max_tokens = [], [], []
-        self.stop_sequences = []
+        self._clear()
         return moved
 
     def generate(self, tokens):
@@ -104,9 +102,14 @@ class _PromptBatch(PromptProcessingBatch):
             self.model, self.uids, mx.array([t[-1] for t in tokens], dtype=mx.uint32),
             self.prompt_cache, self.tokens, self.samplers, self.fallback_sampler,
             self.logits_processors, self.stop_sequences, self.max_tokens)
+        self._clear()
+        return rows
+
+    def _clear(self) -> None:
+        """Forget every row: their state now belongs to another batch."""
         self.uids, self.prompt_cache, self.tokens = [], [], []
         self.samplers, self.logits_processors, self.max_tokens = [], [], []
-        return rows
+        self.stop_sequences = []
 
 
 class ServingBatchGenerator(BatchGenerator):

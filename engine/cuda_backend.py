@@ -8,10 +8,13 @@ were as fast or faster for batched prompt passes (docs/BENCHMARKS.md, run 7), bu
 pass of a new shape still costs 5–30 ms more on first use (run 10), hence the padding of
 prompts to a multiple of a few tokens. On Metal and CPU only ``gpu_available`` applies.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+
+import mlx.core as mx
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +24,6 @@ CUDA_PROMPT_PAD_MULTIPLE = 32
 
 def gpu_available() -> bool:
     """Whether MLX runs on a GPU here (CUDA or Metal), without creating a device context."""
-    import mlx.core as mx
     return mx.cuda.is_available() or mx.metal.is_available()
 
 
@@ -30,7 +32,6 @@ def prompt_pad_multiple(configured: int | None) -> int:
     (fewer distinct prompt-pass shapes, each costing a build on first use) and 1 elsewhere."""
     if configured is not None:
         return configured
-    import mlx.core as mx
     return CUDA_PROMPT_PAD_MULTIPLE if mx.cuda.is_available() else 1
 
 

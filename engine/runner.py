@@ -166,7 +166,8 @@ class ModelRunner:
         decoding = seq.first_token_at is not None
         extracted = self.batch.remove([uid], return_prompt_caches=decoding).get(uid)
         if extracted is not None and to_prefix_cache:
-            self.prefix_cache.store(extracted[1], extracted[0])
+            cache, tokens = extracted
+            self.prefix_cache.store(tokens, cache)
         self.host_times.release_s += time.perf_counter() - started
         return extracted
 
