@@ -7,7 +7,7 @@ weight of the model for a handful of rows) before merging them into the batch. I
 waits for every prompt pass. The running sequences wait through all of it, and serving
 joins many times per second under load.
 
-``ServingBatchGenerator`` changes four things and nothing else:
+``ServingBatchGenerator`` changes six things and nothing else:
 
 - A prompt pass runs on the device while the host goes on: BatchGenerator waits for it,
   leaving the device idle while the host then hands out tokens and builds the next step.
@@ -16,7 +16,12 @@ joins many times per second under load.
 - Prompt passes can pad their prompts to a multiple of a few tokens: on CUDA, every new
   (rows, length) shape of a prompt pass costs a build on first use, and served prompts of
   every length would keep bringing new ones.
-- A prompt batch that moves to decoding whole is handed over as is, without the copy.
+- A prompt batch that moves to decoding whole is handed over as is, without the copy; and
+  prompts that are done move to decoding before new sequences join the prompt batch, so
+  that an arrival on the step a prompt pass ends does not split that batch apart.
+- Dropping rows (a sequence leaving) and extracting a row's cache read the caches' padding
+  back to the host once, not once per layer: every read waits for the device to finish
+  all queued work, and the decode pipeline stalls with it.
 - The joining sequences' last input token (a prompt's last token, or a resumed sequence's
   last generated one) is fed to the batch's next decode step with every other row, instead
   of a forward pass of its own. That step returns the fed token itself for those rows, an
@@ -29,9 +34,71 @@ trimming and resuming caches work as before; ``all_tokens`` of an extraction say
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 from mlx_lm.generate import (BatchGenerator, GenerationBatch, PromptProcessingBatch,
                              _right_pad_prompts)
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+
+def filter_rows(caches: list, keep: list[int]) -> list:
+    """Every layer's cache cut down to the rows ``keep``, as ``BatchKVCache.filter`` does,
+    with one host read of the padding for all layers instead of one per layer."""
+    if not keep:
+        caches.clear()
+        return caches
+    padded = [c for c in caches if type(c) is BatchKVCache]
+    for c in caches:
+        if type(c) is not BatchKVCache:
+            c.filter(keep)
+    if not padded:
+        return caches
+    rows = mx.array(keep)
+    for c in padded:
+        if c.keys is not None:
+            c.keys, c.values = c.keys[rows], c.values[rows]
+        c.offset, c.left_padding = c.offset[rows], c.left_padding[rows]
+    # the padding all remaining rows share is cut off the front
+    shared = mx.stack([c.left_padding.min() for c in padded]).tolist()
+    for c, pad in zip(padded, shared):
+        if pad > 0:
+            if c.keys is not None:
+                c.keys, c.values = c.keys[..., pad:, :], c.values[..., pad:, :]
+            c._idx -= pad
+            c.left_padding = c.left_padding - pad
+    return caches
+
+
+def extract_row(caches: list, idx: int) -> list:
+    """Row ``idx`` of every layer's cache as a single-sequence cache, as
+    ``BatchKVCache.extract`` does, with one host read of the padding for all layers."""
+    padded = [c for c in caches if type(c) is BatchKVCache]
+    pads = iter(mx.stack([c.left_padding[idx] for c in padded]).tolist() if padded else [])
+    extracted = []
+    for c in caches:
+        if type(c) is not BatchKVCache:
+            extracted.append(c.extract(idx))
+            continue
+        pad = next(pads)
+        row = KVCache()
+        row.keys = mx.contiguous(c.keys[idx:idx + 1, :, pad:c._idx])
+        row.values = mx.contiguous(c.values[idx:idx + 1, :, pad:c._idx])
+        row.offset = row.keys.shape[2]
+        extracted.append(row)
+    return extracted
+
+
+class _DecodeBatch(GenerationBatch):
+    """The decode batch, with ``filter_rows`` and ``extract_row``."""
+
+    def filter(self, keep):
+        caches, self.prompt_cache = self.prompt_cache, []   # filtered below, in one read
+        super().filter(keep)
+        self.prompt_cache = filter_rows(caches, keep)
+
+    def extract_cache(self, idx):
+        return extract_row(self.prompt_cache, idx)
 
 
 class _JoiningRows(GenerationBatch):
@@ -87,6 +154,14 @@ class _PromptBatch(PromptProcessingBatch):
                 c.finalize()
         mx.async_eval([c.state for c in self.prompt_cache])
 
+    def filter(self, keep):
+        caches, self.prompt_cache = self.prompt_cache, []   # filtered below, in one read
+        super().filter(keep)
+        self.prompt_cache = filter_rows(caches, keep)
+
+    def extract_cache(self, idx):
+        return extract_row(self.prompt_cache, idx)
+
     def split(self, indices):
         if len(indices) < len(self.uids):
             return super().split(indices)
@@ -124,6 +199,7 @@ class ServingBatchGenerator(BatchGenerator):
         self._prompt_batch = _PromptBatch.empty(
             self.model, self.sampler, prefill_step_size=self.prefill_step_size)
         self._prompt_batch.pad_multiple = prompt_pad_multiple
+        self._generation_batch = _DecodeBatch.empty(self.model, self.sampler)
         self._echoes: set[int] = set()   # uids whose next generation response is an echo
 
     def insert_segments(self, segments, max_tokens=None, *args, **kwargs):
@@ -136,6 +212,76 @@ class ServingBatchGenerator(BatchGenerator):
     def remove(self, uids, return_prompt_caches=False):
         self._echoes.difference_update(uids)
         return super().remove(uids, return_prompt_caches)
+
+    def _next(self):
+        """``BatchGenerator._next`` with one change: prompts that are done move to the decode
+        batch before new sequences join the prompt batch. mlx-lm admits first, and then has
+        to split the prompt batch: a deep copy of its caches and a host read per layer."""
+        generation_responses = []
+        prompt_responses = []
+
+        if len(self._generation_batch) > 0:
+            tic = time.perf_counter()
+            generation_responses = self._generation_batch.next()
+            self._counters.decode_time += time.perf_counter() - tic
+            self._counters.generation_tokens += len(generation_responses)
+            self._counters.generation_steps += 1
+            if self._counters.generation_steps % 512 == 0:
+                mx.clear_cache()
+
+        if len(self._generation_batch) >= self.completion_batch_size:
+            return prompt_responses, generation_responses
+
+        prompt_responses.extend(self._start_decoding())
+
+        n = min(
+            self.prefill_batch_size - len(self._prompt_batch),
+            self.completion_batch_size - len(self._generation_batch),
+            len(self._unprocessed_sequences),
+        )
+        if n > 0:
+            self._prompt_batch.extend(self._make_batch(n))
+            # arrivals with nothing to prefill (a resumed sequence, a prompt cached but its
+            # last token) go straight on
+            prompt_responses.extend(self._start_decoding())
+
+        prompts = []
+        for i, seq in enumerate(self._currently_processing):
+            response = PromptProcessingBatch.Response(self._prompt_batch.uids[i], 0, False, False)
+            segments = seq[0]
+            n = min(len(segments[0]), self.prefill_step_size)
+            prompts.append(segments[0][:n])
+            segments[0] = segments[0][n:]
+            if len(segments[0]) == 0:
+                segments.pop(0)
+                response.end_of_segment = True
+            seq[1] += len(prompts[-1])
+            response.progress = (seq[1], seq[2])
+            prompt_responses.append(response)
+
+        self._counters.prompt_tokens += sum(len(p) for p in prompts)
+        tic = time.perf_counter()
+        self._prompt_batch.prompt(prompts)
+        self._counters.prompt_time += time.perf_counter() - tic
+
+        return prompt_responses, generation_responses
+
+    def _start_decoding(self) -> list:
+        """Move the sequences whose prompt is done (only the last token left) to the decode
+        batch; their end-of-prompt responses."""
+        done = [i for i, seq in enumerate(self._currently_processing)
+                if len(seq[0]) == 1 and len(seq[0][0]) == 1]
+        if not done:
+            return []
+        last_inputs = [self._currently_processing[i][0][0] for i in done]
+        progress = [(self._currently_processing[i][2],) * 2 for i in done]
+        moved = set(done)
+        self._currently_processing = [seq for i, seq in enumerate(self._currently_processing)
+                                      if i not in moved]
+        rows = self._prompt_batch.split(done).generate(last_inputs)
+        self._generation_batch.extend(rows)
+        return [PromptProcessingBatch.Response(uid, p, True, True)
+                for uid, p in zip(rows.uids, progress)]
 
     def next(self):
         prompt_responses, responses = super().next()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
 
-from mlx_serving.engine.batch import ServingBatchGenerator
+from mlx_serving.engine.batch import ServingBatchGenerator, extract_row, filter_rows
 from mlx_serving.engine.config import EngineConfig, ModelConfig
 from mlx_serving.engine.model import LoadedModel
 from mlx_serving.engine.params import GenerationRequest, SamplingParams
@@ -36,12 +36,18 @@ def loaded(tiny_model_path):
     return LoadedModel(ModelConfig(name="tiny", path=str(tiny_model_path)))
 
 
-def generate_staggered(cls, model, **kwargs) -> tuple[dict[int, list[int]], dict[int, list[float]]]:
-    """Two sequences start, two more join the decoding batch one and three steps later."""
+# step -> prompts inserted before it
+SPACED = {0: PROMPTS[:2], 3: PROMPTS[2:3], 5: PROMPTS[3:]}  # three groups join, apart
+BACK_TO_BACK = {0: PROMPTS[:1], 1: PROMPTS[1:2], 2: PROMPTS[2:3], 6: PROMPTS[3:]}  # four groups;
+# each of the first three arrives on the step the one before it finishes its prompt pass
+
+
+def generate_staggered(cls, model, arrivals=SPACED,
+                       **kwargs) -> tuple[dict[int, list[int]], dict[int, list[float]]]:
+    """Sequences arrive at the steps ``arrivals`` names, joining a decoding batch."""
     batch = cls(model, completion_batch_size=8, prefill_batch_size=2, **kwargs)
     tokens: dict[int, list[int]] = {}
     logprobs: dict[int, list[float]] = {}
-    arrivals = {0: PROMPTS[:2], 3: PROMPTS[2:3], 5: PROMPTS[3:]}
     for step in range(60):
         for prompt_ids in arrivals.get(step, []):
             (uid,) = batch.insert([prompt_ids], max_tokens=[TOKENS])
@@ -54,22 +60,69 @@ def generate_staggered(cls, model, **kwargs) -> tuple[dict[int, list[int]], dict
 
 
 @pytest.mark.parametrize("pad_multiple", [1, 8])
+@pytest.mark.parametrize("arrivals, joins", [(SPACED, 3), (BACK_TO_BACK, 4)],
+                         ids=["spaced", "back-to-back"])
 def test_joins_give_batch_generators_tokens_and_logprobs_with_fewer_forward_passes(
-        loaded, pad_multiple):
+        loaded, pad_multiple, arrivals, joins, monkeypatch):
     reference = CountingModel(loaded.model)
-    ref_tokens, ref_logprobs = generate_staggered(BatchGenerator, reference)
+    ref_tokens, ref_logprobs = generate_staggered(BatchGenerator, reference, arrivals)
+    copies = []
+    monkeypatch.setattr(PromptProcessingBatch, "_copy",
+                        lambda batch: copies.append(batch) or pytest.fail("copied"))
     ours = CountingModel(loaded.model)
     # padded prompts: their padding, moved left of each row, is masked out
-    tokens, logprobs = generate_staggered(ServingBatchGenerator, ours,
+    tokens, logprobs = generate_staggered(ServingBatchGenerator, ours, arrivals,
                                           prompt_pad_multiple=pad_multiple)
 
     assert all(len(t) == TOKENS for t in ref_tokens.values())
     assert tokens == ref_tokens   # the echoes of the fed tokens are left out
     for uid in ref_logprobs:
         assert logprobs[uid] == pytest.approx(ref_logprobs[uid], abs=1e-4)
-    # BatchGenerator runs a forward pass of its own for each of the three groups that join;
-    # the last group's tokens come one decode step later, so the batch decodes once more
-    assert ours.calls == reference.calls - 3 + 1
+    # BatchGenerator runs a forward pass of its own for each group that joins; the last
+    # group's tokens come one decode step later, so the batch decodes once more
+    assert ours.calls == reference.calls - joins + 1
+    # a finished prompt batch moves to decoding whole, even when a new prompt arrives on
+    # that step (mlx-lm would split it apart, copying its caches)
+    assert not copies
+
+
+def staggered_caches(loaded, rows: int = 3) -> list:
+    """Every layer's BatchKVCache of ``rows`` prompts of different lengths, prefilled
+    together (so each row has its own left padding), then decoded two steps."""
+    batch = BatchGenerator(loaded.model, completion_batch_size=8, prefill_batch_size=rows)
+    batch.insert(PROMPTS[:rows], max_tokens=[TOKENS] * rows)
+    for _ in range(4):
+        batch.next()
+    caches = batch._generation_batch.prompt_cache
+    mx.eval([c.state for c in caches])
+    return caches
+
+
+def cache_state(c) -> tuple:
+    return (c._idx, c.offset.tolist(), c.left_padding.tolist(),
+            None if c.keys is None else (c.keys.tolist(), c.values.tolist()))
+
+
+@pytest.mark.parametrize("keep", [[1, 2], [0], [2, 0], []])
+def test_filter_rows_leaves_every_layer_as_batch_kv_cache_filter_does(loaded, keep):
+    # [1, 2] drops the row of the longest prompt, so the padding the others share is cut
+    ours, reference = staggered_caches(loaded), staggered_caches(loaded)
+    filtered = filter_rows(ours, keep)
+    assert filtered is ours
+    if not keep:   # what GenerationBatch.filter does then
+        assert ours == []
+        return
+    for c in reference:
+        c.filter(keep)
+    assert [cache_state(c) for c in ours] == [cache_state(c) for c in reference]
+
+
+def test_extract_row_gives_batch_kv_cache_extracts_of_every_layer(loaded):
+    caches = staggered_caches(loaded)
+    for idx in range(3):
+        ours, reference = extract_row(caches, idx), [c.extract(idx) for c in caches]
+        assert [(c.offset, c.keys.tolist(), c.values.tolist()) for c in ours] == \
+            [(c.offset, c.keys.tolist(), c.values.tolist()) for c in reference]
 
 
 def test_pause_right_after_resume_keeps_the_output(loaded):
