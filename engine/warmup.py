@@ -36,14 +36,18 @@ def warm_up(runner: ModelRunner) -> None:
     def decoding() -> int:
         return len(batch._generation_batch)
 
-    # Two lengths (padding) prefilled together, then decoding.
-    _, short = batch.insert([prompt(24, 1), prompt(3, 7)], max_tokens=[_TOKENS, 2 * _TOKENS])
-    step_until(lambda: decoding() == 2)
-    # A join while the batch decodes, with a sampling sampler (the one the engine would give
-    # a request) beside the greedy ones.
-    sampled = SamplingParams(temperature=1.0, top_p=0.9, top_k=min(8, vocab - 1))
-    batch.insert([prompt(5, 11)], max_tokens=[_TOKENS], samplers=[sampler_for(sampled)])
-    step_until(lambda: decoding() == 3)
+    # Two lengths (padding) prefilled together, then decoding; one where the engine decodes
+    # a single sequence at a time.
+    width = min(2, batch.completion_batch_size)
+    starts = [(prompt(24, 1), _TOKENS), (prompt(3, 7), 2 * _TOKENS)][-width:]
+    short = batch.insert([p for p, _ in starts], max_tokens=[m for _, m in starts])[-1]
+    step_until(lambda: decoding() == width)
+    if batch.completion_batch_size > width:
+        # A join while the batch decodes, with a sampling sampler (the one the engine would
+        # give a request) beside the greedy ones.
+        sampled = SamplingParams(temperature=1.0, top_p=0.9, top_k=min(8, vocab - 1))
+        batch.insert([prompt(5, 11)], max_tokens=[_TOKENS], samplers=[sampler_for(sampled)])
+        step_until(lambda: decoding() == width + 1)
     # One leaves with its cache extracted (a finished sequence's gift to the prefix cache),
     # and a new one starts from that cache.
     cache, tokens = batch.remove([short], return_prompt_caches=True)[short]
