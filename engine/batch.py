@@ -89,8 +89,9 @@ def extract_row(caches: list, idx: int) -> list:
     return extracted
 
 
-class _DecodeBatch(GenerationBatch):
-    """The decode batch, with ``filter_rows`` and ``extract_row``."""
+class _OneReadRows:
+    """A batch (prompt or decode) whose row filters and extractions read the caches back
+    once (``filter_rows``, ``extract_row``)."""
 
     def filter(self, keep):
         caches, self.prompt_cache = self.prompt_cache, []   # filtered below, in one read
@@ -99,6 +100,10 @@ class _DecodeBatch(GenerationBatch):
 
     def extract_cache(self, idx):
         return extract_row(self.prompt_cache, idx)
+
+
+class _DecodeBatch(_OneReadRows, GenerationBatch):
+    """The decode batch."""
 
 
 class _JoiningRows(GenerationBatch):
@@ -115,7 +120,7 @@ class _JoiningRows(GenerationBatch):
         return [], []
 
 
-class _PromptBatch(PromptProcessingBatch):
+class _PromptBatch(_OneReadRows, PromptProcessingBatch):
     pad_multiple = 1   # prompt passes pad every prompt to a multiple of this many tokens
 
     def prompt(self, tokens):
@@ -153,14 +158,6 @@ class _PromptBatch(PromptProcessingBatch):
             for c in self.prompt_cache:
                 c.finalize()
         mx.async_eval([c.state for c in self.prompt_cache])
-
-    def filter(self, keep):
-        caches, self.prompt_cache = self.prompt_cache, []   # filtered below, in one read
-        super().filter(keep)
-        self.prompt_cache = filter_rows(caches, keep)
-
-    def extract_cache(self, idx):
-        return extract_row(self.prompt_cache, idx)
 
     def split(self, indices):
         if len(indices) < len(self.uids):
