@@ -4,7 +4,8 @@
 M=$MODELS/llama-1b-bfloat16
 [ -f $M/config.json ] || python3 -m mlx_serving.deployments.cli make-model $M --size 1b --dtype bfloat16 >/dev/null 2>&1
 mkdir -p /root/pkg-old/mlx_serving
-ln -sfn $PWD/scratch/old/engine  # git archive OLD_REV engine, unpacked there /root/pkg-old/mlx_serving/engine
+# scratch/old/engine: the old engine/, from `git archive OLD_REV engine` unpacked in scratch/old
+ln -sfn $PWD/scratch/old/engine /root/pkg-old/mlx_serving/engine
 for d in deployments canary native bench; do ln -sfn $PWD/$d /root/pkg-old/mlx_serving/$d; done
 for rep in $(seq ${2:-2}); do
   for side in old new; do
