@@ -157,18 +157,24 @@ class ModelRunner:
         Returns ``(cache, tokens)`` if it was decoding, else None: its KV cache and the
         tokens that cache holds, every token fed so far (a sequence that just joined has
         not been fed its last input token yet). Unless the caller keeps using it, the
-        cache is offered to the prefix cache.
+        cache is offered to the prefix cache. If no live sequence is left, the retired
+        ones leave with it: the engine thread steps only batches with live sequences, and
+        nothing else would release them.
         """
         started = time.perf_counter()
         uid = seq.uid
-        self.by_uid.pop(uid, None)
-        seq.uid = None
         decoding = seq.first_token_at is not None
         extracted = self.batch.remove([uid], return_prompt_caches=decoding).get(uid)
         if extracted is not None and to_prefix_cache:
             cache, tokens = extracted
             self.prefix_cache.store(tokens, cache)
         self.host_times.release_s += time.perf_counter() - started
+        if self.by_uid.keys() == {uid}:
+            self.release_retired()
+        # the books change after the batch: ``stats()``, read from other threads, never
+        # counts a sequence as gone while the batch still holds it
+        self.by_uid.pop(uid, None)
+        seq.uid = None
         return extracted
 
     def retire(self, seq: Sequence, step: int) -> None:

@@ -327,6 +327,55 @@ def test_a_finished_sequence_is_delivered_at_once_and_leaves_the_batch_later(tin
         eng.shutdown()
 
 
+def test_retired_sequences_leave_the_batch_when_the_last_live_one_is_cancelled(
+        tiny_model_path):
+    # Regression: the engine thread only steps a batch with live sequences, and retired ones
+    # were released by a step; cancelling the last live sequence left them in the batch.
+    eng = make_engine(tiny_model_path, max_batch_size=8, prefill_wait_steps=1_000,
+                      prefill_wait_ratio=100.0)
+    try:
+        async def go():
+            short = asyncio.create_task(
+                collect(eng, chat("short", max_tokens=3, temperature=0, ignore_eos=True)))
+            running = [asyncio.create_task(collect(eng, _long("0")))]
+            await short
+            retired_while_live = eng.stats()
+            await _end(running)
+            await async_wait_until(lambda: eng.stats().running == 0, timeout=30)
+            return retired_while_live
+
+        retired_while_live = run(go())
+        assert (retired_while_live.running, retired_while_live.in_batch) == (1, 2)
+        wait_until(lambda: eng.stats().in_batch == 0, timeout=10)
+    finally:
+        eng.shutdown()
+
+
+def test_a_cancelled_sequence_counts_as_running_until_the_batch_lets_it_go(engine):
+    # Regression: stats(), read from another thread, saw running == 0 while mlx-lm's batch
+    # still held the cancelled sequence (the books changed before the batch did).
+    runner = engine._scheduler.runners["tiny"]
+    batch = runner.batch
+    seen = []
+
+    def remove(uids, return_prompt_caches=False):
+        seen.append((engine.stats().running, engine.stats().in_batch))
+        return type(batch).remove(batch, uids, return_prompt_caches)
+
+    batch.remove = remove
+    try:
+        async def go():
+            running = await _start_long(engine, 1)
+            await _end(running)
+            await async_wait_until(lambda: engine.stats().running == 0, timeout=30)
+
+        run(go())
+    finally:
+        del batch.remove
+    assert seen and seen[0] == (1, 1)
+    assert engine.stats().in_batch == 0
+
+
 def test_tokens_decoded_for_a_retired_sequence_are_not_counted(tiny_model_path):
     # Regression: the generated-tokens counter counted every token the batch decoded,
     # including those of finished sequences waiting for their slot's release.
