@@ -3,6 +3,8 @@
 Knows nothing of Ray or HTTP; usable as a library.
 """
 
+# first: mlx-lm would lower the process's file-descriptor limits on import
+from mlx_serving.engine import fd_limits  # noqa: F401  isort: skip
 from mlx_serving.engine.admission import AdmissionSettings
 from mlx_serving.engine.config import EngineConfig, ModelConfig
 from mlx_serving.engine.engine import Engine, EngineStats
