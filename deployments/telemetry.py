@@ -9,6 +9,7 @@ describes the whole application, whichever Router replica answers it.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import threading
 import uuid
@@ -170,6 +171,36 @@ def route_logs_to_serve(access_log: bool = True) -> None:
     ours.handlers = list(serve_logger.handlers)
     ours.setLevel(serve_logger.level)
     ours.propagate = False
+    start_log_flusher()
+
+
+LOG_FLUSH_INTERVAL_S = 1.0
+_flusher_started = threading.Event()
+
+
+def start_log_flusher(interval_s: float = LOG_FLUSH_INTERVAL_S) -> None:
+    """Write this process's buffered Serve log records out every ``interval_s`` (once per
+    process; later calls do nothing).
+
+    Serve's throughput mode (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``) buffers up to 1,000
+    request-path records in a ``MemoryHandler`` and writes them only when the buffer fills
+    or an error is logged: a quiet replica's lines would never reach its log file, and a
+    busy one's would arrive minutes late. Serve may replace its handlers (a new logging
+    config), so they are looked up on every pass.
+    """
+    if _flusher_started.is_set():
+        return
+    _flusher_started.set()
+
+    def flush_forever() -> None:
+        while True:
+            time.sleep(interval_s)
+            for name in ("ray.serve", "mlx_serving"):
+                for handler in logging.getLogger(name).handlers:
+                    if isinstance(handler, logging.handlers.MemoryHandler):
+                        handler.flush()
+
+    threading.Thread(target=flush_forever, name="serve-log-flush", daemon=True).start()
 
 
 def drop_access_log(record: logging.LogRecord) -> bool:

@@ -32,13 +32,16 @@ def _deployment(record: dict) -> str:
 
 
 def _records_with(request_id: str, timeout: float = 30.0) -> list[dict]:
-    """Serve's JSON log records carrying ``request_id`` (log files are flushed lazily)."""
+    """Serve's JSON log records carrying ``request_id``, once the Router's and the
+    LLMServer's last lines about it are written (log files are flushed lazily: with Serve's
+    throughput mode, every second)."""
     deadline = time.monotonic() + timeout
     while True:
         found = [r for f in (_log_dir() / "serve").glob("replica_*.log")
                  for r in _json_lines(f) if r.get("request_id") == request_id]
-        components = {_deployment(r) for r in found}
-        if {"Router", "LLMServer-stable"} <= components or time.monotonic() > deadline:
+        ended = {_deployment(r) for r in found
+                 if r.get("finish_reason") or r["message"].startswith("request ended")}
+        if {"Router", "LLMServer-stable"} <= ended or time.monotonic() > deadline:
             return found
         time.sleep(0.5)
 
