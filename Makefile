@@ -18,9 +18,12 @@ else
   NEEDS_OPENBLAS := 1
 endif
 
-# Environment for everything that runs MLX: offline hub, and OpenBLAS preloaded where present
-# (MLX's Linux CPU wheel bundles a reference BLAS ~30x slower for fp32 matmuls).
-RUN_ENV = env HF_HUB_OFFLINE=1 $$($(PY) -m mlx_serving.engine.blas --env)
+# Environment for everything that runs MLX or starts Ray: offline hub, OpenBLAS preloaded where
+# present (MLX's Linux CPU wheel bundles a reference BLAS ~30x slower for fp32 matmuls), and
+# Serve's high-throughput mode (HAProxy, gRPC between replicas) where HAProxy can run
+# (MLX_SERVING_SERVE_MODE=default keeps Serve's defaults; docs/DEPLOYMENT.md).
+RUN_ENV = env HF_HUB_OFFLINE=1 $$($(PY) -m mlx_serving.engine.blas --env) \
+	$$($(PY) -m mlx_serving.deployments.serve_env --env)
 
 .PHONY: setup run test demo-model clean
 

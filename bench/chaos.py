@@ -41,6 +41,7 @@ from mlx_serving.bench.loadgen import (HttpTarget, RequestError, RequestSpec, Us
 from mlx_serving.bench.serve import stable_config
 from mlx_serving.bench.servers import deploy, free_port, wait_ready, wait_until
 from mlx_serving.deployments.app import server_deployment_name
+from mlx_serving.deployments.serve_env import serve_env
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "mlx-serving"
@@ -113,8 +114,10 @@ def running_app(config: dict, port: int) -> Iterator[App]:
     once the application is ready, shuts everything down after.
 
     Ray is started in this process rather than by ``serve run`` so that the handles and
-    actor calls of the run reach this cluster and no other Ray on the machine.
+    actor calls of the run reach this cluster and no other Ray on the machine. It starts in
+    ``make run``'s Serve mode (``serve_env``).
     """
+    os.environ.update(serve_env())
     import ray
     from ray import serve
 

@@ -11,9 +11,9 @@
 #         serve-nogate-SIZE         serve-SIZE with the prefill gate off (prefill_wait_steps=0)
 #         serve-inreplica-SIZE      serve-SIZE with the engine in the replica's own process
 #                                   (the default on a GPU is a child process)
-#         serve-hap-SIZE            serve-SIZE with Serve's high-throughput mode: HAProxy
-#                                   ingress and gRPC between replicas (RAY_SERVE_ENABLE_HA_PROXY,
-#                                   RAY_SERVE_THROUGHPUT_OPTIMIZED)
+#         serve-plain-SIZE          serve-SIZE with Serve's defaults (MLX_SERVING_SERVE_MODE=
+#                                   default) instead of its high-throughput mode: the Python
+#                                   HTTP proxy and Ray actor calls between replicas
 #         serve-spread[-nogate]-SIZE  serve-SIZE with output lengths spread over 64-192
 #         serve-spread-cudnn-SIZE   ... with cuDNN attention on (cudnn_attention: true; a graph
 #                                   per new prompt shape)
@@ -74,8 +74,7 @@ for step in "$@"; do
       [[ $spec == spread-* ]] && { spec=${spec#spread-}; flags+=(--max-tokens-spread 0.5); }
       [[ $spec == nogate-* ]] && { spec=${spec#nogate-}; flags+=(--engine prefill_wait_steps=0); }
       [[ $spec == inreplica-* ]] && { spec=${spec#inreplica-}; flags+=(--no-engine-process); }
-      [[ $spec == hap-* ]] && { spec=${spec#hap-}; envs+=(RAY_SERVE_ENABLE_HA_PROXY=1
-        RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_HAPROXY_MAXCONN=1024); }
+      [[ $spec == plain-* ]] && { spec=${spec#plain-}; envs+=(MLX_SERVING_SERVE_MODE=default); }
       [[ $spec == cache-* ]] && { spec=cudnn-${spec#cache-}
         envs+=(MLX_CUDA_SDPA_CACHE_SIZE=1024 MLX_CUDA_GRAPH_CACHE_SIZE=1024); }
       [[ $spec == cudnn-* ]] && { spec=${spec#cudnn-}; flags+=(--engine cudnn_attention=true); }

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 from dataclasses import asdict
@@ -37,6 +38,7 @@ from mlx_serving.bench.loadgen import (EngineTarget, HttpTarget, RequestError, R
                                       Workload, generation_request)
 from mlx_serving.bench.servers import serve_run
 from mlx_serving.deployments.app import server_deployment_name
+from mlx_serving.deployments.serve_env import describe, serve_env
 from mlx_serving.engine import Engine, EngineConfig
 from mlx_serving.engine.blas import ensure_preloaded
 
@@ -77,6 +79,7 @@ class HandleTarget:
 
 def run(config: dict, levels: list[tuple[int, Workload]], repeats: int, port: int) -> Runs:
     """Every level along every path, ``repeats`` times."""
+    os.environ.update(serve_env())   # this process's handles in the cluster's mode
     import ray
     from ray import serve
 
@@ -156,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                            warmup=min(n, 8), seed=n, max_tokens_spread=args.max_tokens_spread))
               for n in args.concurrency]  # identical workloads on every path
     runs = run(config, levels, args.repeats, args.port)
-    print(f"machine: {machine()}\nmodel: {args.model}\n\n{report(runs, PATH_NAMES)}")
+    print(f"machine: {machine()}\nmodel: {args.model}\nserve: {describe()}\n\n"
+          f"{report(runs, PATH_NAMES)}")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"machine": machine(), "args": vars(args),
+            {"machine": machine(), "args": vars(args), "serve_mode": describe(),
              "levels": [{"concurrency": n, **{path: [r.to_dict() for r in results]
                                               for path, results in by_path.items()}}
                         for n, by_path in runs.items()]},

@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 import httpx
 import yaml
 
+from mlx_serving.deployments.serve_env import serve_env
 from mlx_serving.engine.blas import preload_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,8 +134,9 @@ def deploy(config: dict, address: str) -> str:
 
 
 def server_env() -> dict[str, str]:
-    """The environment of a started server: this one, offline, OpenBLAS preloaded."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", **preload_env()}
+    """The environment of a started server: this one, offline, OpenBLAS preloaded, and
+    Serve's high-throughput mode where it runs (``make run``'s)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", **preload_env(), **serve_env()}
 
 
 def our_config(options: ServerOptions) -> dict:
@@ -180,7 +182,7 @@ def serve_run(config: dict, port: int, log: Path, timeout_s: float) -> Iterator[
     config["http_options"]["port"] = port
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
-    env = {**os.environ, "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1", **serve_env()}
     url = f"http://127.0.0.1:{port}"
     with open(log, "w") as out:
         proc = subprocess.Popen([*SERVE_CLI, "run", f.name], env=env, cwd=REPO, stdout=out,

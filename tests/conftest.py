@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
+# before any test module imports mlx-lm, which would lower this process's file-descriptor
+# limits, and with them those of the Ray cluster it starts (engine/fd_limits.py)
+import mlx_serving.engine  # noqa: F401, E402
+from mlx_serving.deployments.serve_env import serve_env  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Serve's mode as `make run` picks it (`make test` sets it already), before anything imports
+# ray.serve, which reads it once: the test Ray cluster and this process's handles use it
+os.environ.update(serve_env())
 
 pytest_plugins = ["serve_fixtures"]  # the session Ray cluster and the deployed app
 
