@@ -7,7 +7,7 @@ weight of the model for a handful of rows) before merging them into the batch. I
 waits for every prompt pass. The running sequences wait through all of it, and serving
 joins many times per second under load.
 
-``ServingBatchGenerator`` changes six things and nothing else:
+``ServingBatchGenerator`` changes five things and nothing else:
 
 - A prompt pass runs on the device while the host goes on: BatchGenerator waits for it,
   leaving the device idle while the host then hands out tokens and builds the next step.
@@ -19,9 +19,9 @@ joins many times per second under load.
 - A prompt batch that moves to decoding whole is handed over as is, without the copy; and
   prompts that are done move to decoding before new sequences join the prompt batch, so
   that an arrival on the step a prompt pass ends does not split that batch apart.
-- Dropping rows (a sequence leaving) and extracting a row's cache read the caches' padding
-  back to the host once, not once per layer: every read waits for the device to finish
-  all queued work, and the decode pipeline stalls with it.
+- Dropping rows (sequences leaving) and extracting rows' caches read the caches' padding
+  back to the host once, not once per layer and sequence: every read waits for the device
+  to finish all queued work, and the decode pipeline stalls with it.
 - The joining sequences' last input token (a prompt's last token, or a resumed sequence's
   last generated one) is fed to the batch's next decode step with every other row, instead
   of a forward pass of its own. That step returns the fed token itself for those rows, an
@@ -70,22 +70,24 @@ def filter_rows(caches: list, keep: list[int]) -> list:
     return caches
 
 
-def extract_row(caches: list, idx: int) -> list:
-    """Row ``idx`` of every layer's cache as a single-sequence cache, as
-    ``BatchKVCache.extract`` does, with one host read of the padding for all layers."""
+def extract_rows(caches: list, idxs: list[int]) -> list[list]:
+    """Rows ``idxs`` of every layer's cache, each as a single-sequence cache, as
+    ``BatchKVCache.extract`` does, with one host read of the padding for all layers and rows."""
     padded = [c for c in caches if type(c) is BatchKVCache]
-    pads = iter(mx.stack([c.left_padding[idx] for c in padded]).tolist() if padded else [])
-    extracted = []
+    rows = mx.array(idxs)
+    pads = iter(mx.stack([c.left_padding[rows] for c in padded]).tolist() if padded else [])
+    extracted = [[] for _ in idxs]
     for c in caches:
         if type(c) is not BatchKVCache:
-            extracted.append(c.extract(idx))
+            for out, idx in zip(extracted, idxs):
+                out.append(c.extract(idx))
             continue
-        pad = next(pads)
-        row = KVCache()
-        row.keys = mx.contiguous(c.keys[idx:idx + 1, :, pad:c._idx])
-        row.values = mx.contiguous(c.values[idx:idx + 1, :, pad:c._idx])
-        row.offset = row.keys.shape[2]
-        extracted.append(row)
+        for out, idx, pad in zip(extracted, idxs, next(pads)):
+            row = KVCache()
+            row.keys = mx.contiguous(c.keys[idx:idx + 1, :, pad:c._idx])
+            row.values = mx.contiguous(c.values[idx:idx + 1, :, pad:c._idx])
+            row.offset = row.keys.shape[2]
+            out.append(row)
     return extracted
 
 
@@ -99,7 +101,7 @@ class _OneReadRows:
         self.prompt_cache = filter_rows(caches, keep)
 
     def extract_cache(self, idx):
-        return extract_row(self.prompt_cache, idx)
+        return extract_rows(self.prompt_cache, [idx])[0]
 
 
 class _DecodeBatch(_OneReadRows, GenerationBatch):
@@ -209,6 +211,22 @@ class ServingBatchGenerator(BatchGenerator):
     def remove(self, uids, return_prompt_caches=False):
         self._echoes.difference_update(uids)
         return super().remove(uids, return_prompt_caches)
+
+    def extract_cache(self, uids):
+        """``BatchGenerator.extract_cache``, with one host read per batch for all the
+        sequences extracted from it (mlx-lm reads once per sequence)."""
+        results, rows = {}, {1: [], 2: []}
+        for uid, (stage, idx) in self._find_uids(uids).items():
+            if stage == 0:   # queued: its cache is still the one it was inserted with
+                results[uid] = self._unprocessed_sequences[idx][3:5]
+            else:
+                rows[stage].append((uid, idx))
+        for stage, batch in ((1, self._prompt_batch), (2, self._generation_batch)):
+            if rows[stage]:
+                caches = extract_rows(batch.prompt_cache, [idx for _, idx in rows[stage]])
+                for (uid, idx), cache in zip(rows[stage], caches):
+                    results[uid] = (cache, batch.tokens[idx])
+        return results
 
     def _next(self):
         """``BatchGenerator._next`` with one change: prompts that are done move to the decode

@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
 
-from mlx_serving.engine.batch import ServingBatchGenerator, extract_row, filter_rows
+from mlx_serving.engine.batch import ServingBatchGenerator, extract_rows, filter_rows
 from mlx_serving.engine.config import EngineConfig, ModelConfig
 from mlx_serving.engine.model import LoadedModel
 from mlx_serving.engine.params import GenerationRequest, SamplingParams
@@ -117,12 +117,44 @@ def test_filter_rows_leaves_every_layer_as_batch_kv_cache_filter_does(loaded, ke
     assert [cache_state(c) for c in ours] == [cache_state(c) for c in reference]
 
 
-def test_extract_row_gives_batch_kv_cache_extracts_of_every_layer(loaded):
+def _row_state(caches: list) -> list:
+    return [(c.offset, c.keys.tolist(), c.values.tolist()) for c in caches]
+
+
+@pytest.mark.parametrize("idxs", [[0], [1], [2], [2, 0], [0, 1, 2]])
+def test_extract_rows_gives_batch_kv_cache_extracts_of_every_layer(loaded, idxs):
     caches = staggered_caches(loaded)
-    for idx in range(3):
-        ours, reference = extract_row(caches, idx), [c.extract(idx) for c in caches]
-        assert [(c.offset, c.keys.tolist(), c.values.tolist()) for c in ours] == \
-            [(c.offset, c.keys.tolist(), c.values.tolist()) for c in reference]
+    ours = extract_rows(caches, idxs)
+    assert len(ours) == len(idxs)
+    for idx, extracted in zip(idxs, ours):
+        assert _row_state(extracted) == _row_state([c.extract(idx) for c in caches])
+
+
+def _cache_state(cache: list) -> list:
+    return [(c.offset, None if c.keys is None else (c.keys.tolist(), c.values.tolist()))
+            for c in cache]
+
+
+def test_extract_cache_of_several_sequences_equals_their_extracts_one_by_one(loaded):
+    # one host read per batch for all the sequences leaving it (a release of retired ones)
+    batch = ServingBatchGenerator(loaded.model, completion_batch_size=8, prefill_batch_size=2,
+                                  prefill_step_size=2)
+    uids = batch.insert(PROMPTS[:2], max_tokens=[TOKENS] * 2)
+    for _ in range(6):
+        batch.next()
+    uids += batch.insert(PROMPTS[2:] + [[3, 4, 5, 6, 7, 8]], max_tokens=[TOKENS] * 3)
+    batch.next()
+    stages = sorted(stage for stage, _ in batch._find_uids(uids).values())
+    assert stages == [0, 1, 1, 2, 2]   # queued, prefilling, decoding
+
+    together = batch.extract_cache(uids)
+    one_by_one = {uid: BatchGenerator.extract_cache(batch, [uid])[uid] for uid in uids}
+    assert together.keys() == one_by_one.keys() == set(uids)
+    for uid in uids:
+        (cache, tokens), (ref_cache, ref_tokens) = together[uid], one_by_one[uid]
+        assert list(tokens) == list(ref_tokens)
+        assert _cache_state(cache) == _cache_state(ref_cache)
+    batch.close()
 
 
 def test_pause_right_after_resume_keeps_the_output(loaded):

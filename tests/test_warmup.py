@@ -17,7 +17,7 @@ def test_warm_up_joins_leaves_and_resumes_and_leaves_the_batch_empty(tiny_model_
     # Regression: the warm-up only prefilled and decoded two sequences that ended together.
     # On a fresh CUDA machine the first sequence to leave a running batch (a gather over the
     # rest) compiled a kernel on the engine thread: a 4 s stall under the first traffic.
-    calls: dict[str, list] = {"extend": [], "filter": [], "extract_row": [], "merge": []}
+    calls: dict[str, list] = {"extend": [], "filter": [], "extract_rows": [], "merge": []}
 
     def spy(cls, name, record):
         original = getattr(cls, name)
@@ -29,7 +29,7 @@ def test_warm_up_joins_leaves_and_resumes_and_leaves_the_batch_empty(tiny_model_
 
     spy(GenerationBatch, "extend", lambda self, other: len(other))
     spy(GenerationBatch, "filter", lambda self, keep: len(keep))
-    spy(serving_batch, "extract_row", lambda caches, idx: idx)
+    spy(serving_batch, "extract_rows", lambda caches, idxs: idxs)
     spy(BatchKVCache, "merge", lambda caches: max(c.size() for c in caches))
 
     runner = ModelRunner(LoadedModel(ModelConfig(name="tiny", path=str(tiny_model_path))),
@@ -41,7 +41,7 @@ def test_warm_up_joins_leaves_and_resumes_and_leaves_the_batch_empty(tiny_model_
         runner.close()
     assert calls["extend"], "no sequence joined a decoding batch"
     assert any(n > 0 for n in calls["filter"]), "no sequence left a batch that kept running"
-    assert calls["extract_row"], "no sequence's cache was extracted"
+    assert calls["extract_rows"], "no sequence's cache was extracted"
     assert any(n > 0 for n in calls["merge"]), "no sequence started from a cache"
 
 
