@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 from dataclasses import asdict
@@ -38,7 +37,7 @@ from mlx_serving.bench.loadgen import (EngineTarget, HttpTarget, RequestError, R
                                       Workload, generation_request)
 from mlx_serving.bench.servers import serve_run
 from mlx_serving.deployments.app import server_deployment_name
-from mlx_serving.deployments.serve_env import describe, serve_env
+from mlx_serving.deployments.serve_env import describe
 from mlx_serving.engine import Engine, EngineConfig
 from mlx_serving.engine.blas import ensure_preloaded
 
@@ -79,7 +78,6 @@ class HandleTarget:
 
 def run(config: dict, levels: list[tuple[int, Workload]], repeats: int, port: int) -> Runs:
     """Every level along every path, ``repeats`` times."""
-    os.environ.update(serve_env())   # this process's handles in the cluster's mode
     import ray
     from ray import serve
 
