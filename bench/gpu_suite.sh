@@ -19,7 +19,9 @@
 #                                   per new prompt shape)
 #         serve-spread-cache-SIZE   ... cuDNN attention on, its graph and CUDA-graph caches 1024
 #                                   (serve steps but serve-process: SERVE_LEVELS overrides the
-#                                   levels, SERVE_ARGS adds bench.serve flags, e.g.
+#                                   levels, SERVE_REQUESTS the requests per stream (16:
+#                                   runs of 15-25 s on a GPU; 4-5 s runs spread +-15%),
+#                                   SERVE_ARGS adds bench.serve flags, e.g.
 #                                   "--switch-interval-ms 0.2"; MLX_ENABLE_CACHE_THRASHING_CHECK=1
 #                                   reports thrashing caches in STEP.err)
 #         gpus-N                    bench llm, ours alone: N replicas of one GPU each, 8B bf16,
@@ -80,7 +82,8 @@ for step in "$@"; do
       [[ $spec == cudnn-* ]] && { spec=${spec#cudnn-}; flags+=(--engine cudnn_attention=true); }
       path=$(model "$spec")
       env "${envs[@]}" "$py" -m mlx_serving.bench.serve --model "$path" \
-        --concurrency ${SERVE_LEVELS:-1 8 32 64} --max-batch-size 64 "${flags[@]}" ${SERVE_ARGS:-} \
+        --concurrency ${SERVE_LEVELS:-1 8 32 64} --max-batch-size 64 \
+        --requests-per-stream "${SERVE_REQUESTS:-16}" "${flags[@]}" ${SERVE_ARGS:-} \
         --json "$out/$step.json" 2> >(tee "$out/$step.err" >&2) | tee "$out/$step.md" ;;
     gpus-*)
       n=${step#gpus-}
