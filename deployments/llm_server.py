@@ -86,7 +86,7 @@ class LLMServer:
         engine's typed errors before the first chunk.
         """
         await self._apply_directive(directive or _NORMAL)
-        await self._inject_faults()
+        abort_after = await self._inject_faults()
         stream = self.engine.submit(request)
         if inspect.isawaitable(stream):  # EngineProcess: the child validates the request
             stream = await stream
@@ -94,7 +94,7 @@ class LLMServer:
         self._active += 1
         log.info("request %s accepted", request.request_id,
                  extra={"engine_request_id": request.request_id, "variant": self.variant})
-        last = None
+        last, sent = None, 0
         try:
             first = True
             async for delta in stream:
@@ -103,6 +103,10 @@ class LLMServer:
                     chunk.replica, first = self.replica, False
                 last = chunk
                 yield chunk
+                sent += chunk.num_tokens
+                if abort_after is not None and sent >= abort_after and not delta.finished:
+                    raise InjectedFaultError(f"fault injection: request aborted after {sent} "
+                                             f"tokens on variant {self.variant!r}")
                 if not delta.finished:   # coalesce, but never hold back the last chunk
                     await stream.hold(self._chunk_interval())
         finally:
@@ -127,12 +131,16 @@ class LLMServer:
                                     shed_batch=wanted[1])
             log.info("QoS directive applied: admission_scale=%g shed_batch=%s", *wanted)
 
-    async def _inject_faults(self) -> None:
+    async def _inject_faults(self) -> int | None:
+        """Apply the fault settings to one request: fail it now, or delay it; returns the
+        tokens after which it is to fail mid-stream, if it is."""
         fault = self.settings.fault
-        if fault.abort_percent and random.random() * 100 < fault.abort_percent:
+        abort = fault.abort_percent and random.random() * 100 < fault.abort_percent
+        if abort and not fault.abort_after_tokens:
             raise InjectedFaultError(f"fault injection: request aborted on variant {self.variant!r}")
         if fault.delay_ms and random.random() * 100 < fault.delay_percent:
             await asyncio.sleep(fault.delay_ms / 1000.0)
+        return fault.abort_after_tokens if abort else None
 
     def _chunk_interval(self) -> float:
         s = self.settings

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -78,6 +79,12 @@ def _failure(item: "Chunk | BaseException") -> HTTPError | None:
 # again, and Serve routes the retry to another replica once the failed one is marked dead.
 _START_ATTEMPTS = 3
 _RETRY_BACKOFF_S = (0.2, 0.5)
+
+
+def _close_calls(started: list) -> None:
+    """Let go of the calls of started choices (``Router._start``'s triples)."""
+    for _, _, call in started:
+        call.close()
 
 
 def _replica_failed(exc: BaseException) -> bool:
@@ -173,8 +180,14 @@ class _Metrics:
 
 
 class _Call:
-    """One engine request on its way through an LLMServer: timing, metrics, admin view and
-    the rollout sample it yields."""
+    """One engine request on its way through an LLMServer: timing, metrics, admin view, the
+    rollout sample it yields and its circuit breaker's verdict.
+
+    Once its first chunk has come, the call owns three things until ``close``: the remote
+    stream, its row in the admin view and its variant breaker's admission, which gets the
+    call's verdict when the call ends (a stream that fails after its first tokens is a
+    failure of its backend too).
+    """
 
     def __init__(self, router: "Router", route: Route, stream: ActiveStream, started: float,
                  counts_prompt: bool = True):
@@ -184,6 +197,31 @@ class _Call:
         self.started = started
         self.first = self.last = None
         self.done = False
+        self.gen = None            # the remote stream, once its first chunk has come
+        self.verdict_due = False   # whether the variant's breaker awaits this call's verdict
+        self.closed = False
+
+    def streaming(self, gen) -> None:
+        """The first chunk has come from ``gen``: the call is live until ``close``."""
+        self.gen, self.verdict_due = gen, True
+        self.router._active[self.stream.request_id] = self.stream
+
+    def judge(self, exc: BaseException | None = None, last: Chunk | None = None) -> None:
+        """Give the variant's breaker this call's verdict, once: from how it ended (``exc``
+        or its ``last`` chunk); with neither, the call says nothing about the backend."""
+        if self.verdict_due:
+            self.verdict_due = False
+            self.router._verdict(self.variant, exc, last)
+
+    def close(self) -> None:
+        """Let the call go (idempotent): cancel the remote stream, leave the admin view and
+        release the breaker's admission if the call ended without a verdict."""
+        if self.closed or self.gen is None:
+            return
+        self.closed = True
+        self.gen.cancel()
+        self.router._active.pop(self.stream.request_id, None)
+        self.judge()
 
     def finish(self, error: bool) -> None:
         """Record the request's sample for the rollout (once)."""
@@ -218,6 +256,7 @@ class _Call:
                 m.cached_tokens.labels(*labels).inc(chunk.cached_tokens)
             m.generation_tokens.labels(*labels).inc(chunk.completion_tokens)
             self.finish(error=chunk.finish_reason == "error")
+            self.judge(last=chunk)
 
 
 # Routers outlive LLMServer's 30 s drain on redeploys, so in-flight streams can finish.
@@ -353,12 +392,13 @@ class Router:
                              "open", type="service_unavailable_error", code="circuit_open",
                         retry_after=max(1.0, breaker.retry_after_s))
 
-    def _verdict(self, variant: str, exc: BaseException | None, first: Chunk | None) -> None:
-        """Tell the variant's breaker how its replica handled one call."""
+    def _verdict(self, variant: str, exc: BaseException | None, last: Chunk | None) -> None:
+        """Tell the variant's breaker how its replica handled one call, which ended with
+        ``exc`` or with its ``last`` chunk (neither: it ended early, saying nothing)."""
         breaker = self._breakers[variant]
-        if exc is None:
-            breaker.record(not (first.finish_reason == "error"
-                                and ended_with_error(first.error, first.error_code).status >= 500))
+        if exc is None and last is not None:
+            breaker.record(not (last.finish_reason == "error"
+                                and ended_with_error(last.error, last.error_code).status >= 500))
         elif (isinstance(exc, Exception) and not isinstance(exc, BackPressureError)
               and to_http_error(exc).status >= 500):
             breaker.record(False)
@@ -378,7 +418,6 @@ class Router:
                 engine_request, self._traffic.directive(route.variant))
             try:
                 first = await gen.__anext__()
-                self._verdict(route.variant, None, first)
                 break
             except BaseException as exc:
                 gen.cancel()
@@ -392,7 +431,7 @@ class Router:
                 if not isinstance(exc, (InvalidRequestError, asyncio.CancelledError)):
                     call.finish(error=True)
                 raise
-        self._active[stream.request_id] = stream
+        call.streaming(gen)
         call.observe(first)
         return gen, first, call
 
@@ -409,15 +448,23 @@ class Router:
                     return
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             call.finish(error=True)
+            call.judge(exc)
             raise
         finally:
-            gen.cancel()
-            self._active.pop(call.stream.request_id, None)
+            call.close()
 
     async def _merged(self, started) -> AsyncIterator[tuple[int, Chunk | BaseException]]:
-        """Chunks of several choices as they come, tagged with the choice index."""
+        """Chunks of several choices as they come, tagged with the choice index; every call
+        is let go when the caller stops reading, wherever it stopped."""
+        try:
+            async for item in self._merged_chunks(started):
+                yield item
+        finally:
+            _close_calls(started)
+
+    async def _merged_chunks(self, started) -> AsyncIterator[tuple[int, Chunk | BaseException]]:
         if len(started) == 1:
             try:
                 async for chunk in self._chunks(*started[0]):
@@ -453,9 +500,7 @@ class Router:
             for i, r in enumerate(engine_requests):
                 started.append(await self._start(route, r, counts_prompt=i % n == 0))
         except BaseException:
-            for gen, _, call in started:
-                gen.cancel()
-                self._active.pop(call.stream.request_id, None)
+            _close_calls(started)
             raise
         return started
 
@@ -508,6 +553,9 @@ class Router:
             continuous = include_usage and options.continuous_usage_stats
             events = self._stream_events(started, meta, chat, include_usage, continuous,
                                          n_per_prompt, variant, endpoint)
+            # Starlette drops a body it never started (the client left before the headers
+            # went out): its calls must be let go all the same.
+            weakref.finalize(events, _close_calls, started)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", **self._tags(route, key)})
         response = await self._whole_response(started, meta, chat, n_per_prompt, variant, endpoint)

@@ -15,7 +15,8 @@ class FaultConfig(BaseModel):
     """Fault injection for chaos tests and drills (Envoy's fault filter is the model).
 
     Off by default. ``delay_ms`` is added before the first token of ``delay_percent`` of
-    requests; ``abort_percent`` of requests fail with an error instead of being served.
+    requests; ``abort_percent`` of requests fail with an error instead of being served, before
+    their first token or, with ``abort_after_tokens``, mid-stream.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -25,6 +26,11 @@ class FaultConfig(BaseModel):
                                  description="Share of requests that get the delay.")
     abort_percent: float = Field(default=0.0, ge=0, le=100,
                                  description="Share of requests failed on purpose.")
+    abort_after_tokens: int = Field(
+        default=0, ge=0,
+        description="Tokens an aborted request streams before it fails: 0 fails it before "
+                    "its first token, more fails it mid-stream (a request that ends first "
+                    "is served).")
 
 
 class ServerSettings(BaseModel):

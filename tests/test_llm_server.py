@@ -42,6 +42,40 @@ def test_a_directive_is_applied_to_the_engine_and_lifted_again(server):
     assert (settings.scale, settings.shed_batch) == (1.0, False)
 
 
+@pytest.mark.parametrize("after, served", [(0, 0), (3, 3), (100, 8)])
+def test_injected_aborts_come_before_the_first_token_or_after_some(server, after, served):
+    """``fault.abort_after_tokens``: 0 fails the request before its first token; N fails it
+    once N tokens have gone out; a request that ends first is served whole."""
+    from support import wait_until
+
+    from mlx_serving.deployments.llm_server import InjectedFaultError
+    from mlx_serving.deployments.settings import ServerSettings
+
+    server.reconfigure({"fault": {"abort_percent": 100, "abort_after_tokens": after},
+                        "chunk_interval_ms": 0})
+    sent = []
+
+    async def consume():
+        req = GenerationRequest(prompt="Hello", params=SamplingParams(
+            max_tokens=8, temperature=0, ignore_eos=True))
+        async for chunk in server.generate(req):
+            sent.append(chunk)
+
+    try:
+        if served == 8:
+            asyncio.run(consume())
+            assert sent[-1].finish_reason == "length"
+        else:
+            with pytest.raises(InjectedFaultError):
+                asyncio.run(consume())
+            assert not any(c.finish_reason for c in sent)
+        tokens = sum(c.num_tokens for c in sent)
+        assert tokens == served if after in (0, 100) else served <= tokens < 8
+    finally:
+        server.reconfigure(ServerSettings().model_dump())
+    wait_until(lambda: server.engine.stats().running == 0, timeout=10)   # a cancel is async
+
+
 def test_engine_thread_time_is_exported_by_activity(server):
     """/metrics splits the engine thread's time by activity, and the busy ones add up to no
     more than the wall time they cover (an idle wait is counted when it ends, so it may

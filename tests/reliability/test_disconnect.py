@@ -16,7 +16,8 @@ import asyncio
 import httpx
 import pytest
 from reliability.chaos_support import (IDLE_GAUGES, admin_streams, completion,
-                                       memory_net_of_prefix_cache, stream_once, wait_idle)
+                                       deploy_and_settle, memory_net_of_prefix_cache,
+                                       stream_once, wait_idle)
 
 CLIENTS = 100
 CONCURRENCY = 8
@@ -85,3 +86,31 @@ def test_clients_that_hang_up_mid_stream_leave_nothing_behind(serve_app, record_
 
     last = asyncio.run(one_more())
     assert last.kind == "completed" and last.completion_tokens == 8
+
+
+def test_clients_that_hang_up_before_their_first_token_leave_nothing_behind(serve_app):
+    """Clients that give up (after 0.2-1.25 s) while their request waits for its first
+    token behind a 1.5 s fault delay: every such request is let go, its sequence cancelled
+    and its row gone from the admin view."""
+    deploy_and_settle(serve_app, [{"name": "LLMServer-stable",
+                                   "user_config": {"fault": {"delay_ms": 1500}}}])
+    try:
+        probe = httpx.post(f"{serve_app.url}/v1/completions", json=completion("probe", 1),
+                           headers=serve_app.headers(), timeout=60)
+        assert probe.status_code == 200 and probe.elapsed.total_seconds() >= 1.5
+
+        async def hang_up_early():
+            async with httpx.AsyncClient(timeout=None) as http:
+                return await asyncio.gather(*(
+                    stream_once(http, serve_app, completion(f"early {i}", 100_000),
+                                patience_s=0.2 + 0.15 * (i % 8))
+                    for i in range(CONCURRENCY * 2)))
+
+        outcomes = asyncio.run(hang_up_early())
+        assert all(o.hung and o.chunks == 0 for o in outcomes), outcomes
+    finally:
+        deploy_and_settle(serve_app)
+    after = wait_idle(serve_app)
+    for replica, gauges in after.items():
+        assert {k: gauges[k] for k in IDLE_GAUGES} == dict.fromkeys(IDLE_GAUGES, 0), replica
+    assert admin_streams(serve_app) == []

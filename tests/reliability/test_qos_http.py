@@ -108,10 +108,55 @@ def test_a_failing_variant_opens_its_circuit_then_closes_once_healthy(serve_app)
     finally:
         serve_app.deploy()
 
+    assert_served_again(serve_app)
+
+
+def test_failures_after_the_first_token_count_against_the_circuit(serve_app):
+    """Streams that break after their first tokens are failures of their backend too: the
+    breaker takes a call's verdict when the call ends, not at its first chunk (a replica that
+    fails every stream mid-way once kept its circuit closed)."""
+    faulty = [{"name": "LLMServer-stable",
+               "user_config": {"fault": {"abort_percent": 100, "abort_after_tokens": 1}}}]
+    serve_app.deploy(faulty)
+    try:
+        for _ in range(20):   # until every replica has the new config
+            events = stream_events(serve_app, chat_body(stream=True, logprobs=True))
+            if "error" in events[-1]:
+                break
+        assert any(e.get("choices") and e["choices"][0]["logprobs"]
+                   for e in events[:-1]), events   # tokens first, then the failure
+        assert events[-1]["error"]["code"] == "injected_fault", events
+        codes = []
+        for _ in range(60):
+            r = post(serve_app, chat_body())
+            codes.append(r.json()["error"]["code"] if r.status_code != 200 else "ok")
+            if codes[-3:] == ["circuit_open"] * 3:
+                break
+        assert "injected_fault" in codes and codes[-1] == "circuit_open", codes
+        assert r.status_code == 503
+    finally:
+        serve_app.deploy()
+    assert_served_again(serve_app)
+
+
+def stream_events(app, body: dict) -> list[dict]:
+    """The JSON events of one streamed request, up to its end ([DONE] is left out)."""
+    events = []
+    with httpx.stream("POST", f"{app.url}{CHAT}", json=body, timeout=60,
+                      headers=app.headers()) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    return events
+
+
+def assert_served_again(app) -> None:
+    """Once a fault is gone, half-open probes close the circuits: requests succeed again."""
     deadline = time.monotonic() + 60
     statuses = []
     while time.monotonic() < deadline:
-        statuses.append(post(serve_app, chat_body()).status_code)
+        statuses.append(post(app, chat_body()).status_code)
         if statuses[-6:] == [200] * 6:
             break
         time.sleep(0.5)
