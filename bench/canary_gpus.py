@@ -32,6 +32,7 @@ from mlx_serving.bench.engine import machine
 from mlx_serving.bench.servers import free_port
 from mlx_serving.deployments.app import server_deployment_name
 from mlx_serving.deployments.canary_cli import AdminClient
+from mlx_serving.deployments.serve_env import ensure_applied
 
 OPERATOR_TOKEN = "canary-drill-" + uuid.uuid4().hex[:8]
 
@@ -192,4 +193,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    ensure_applied()   # this driver's handles talk to the replicas as the Routers do
     sys.exit(main())

@@ -41,7 +41,7 @@ from mlx_serving.bench.loadgen import (HttpTarget, RequestError, RequestSpec, Us
 from mlx_serving.bench.serve import stable_config
 from mlx_serving.bench.servers import deploy, free_port, wait_ready, wait_until
 from mlx_serving.deployments.app import server_deployment_name
-from mlx_serving.deployments.serve_env import serve_env
+from mlx_serving.deployments.serve_env import ensure_applied, serve_env
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "mlx-serving"
@@ -618,4 +618,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    ensure_applied()   # this driver's handles talk to the replicas as the Routers do
     sys.exit(main())

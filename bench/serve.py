@@ -37,7 +37,7 @@ from mlx_serving.bench.loadgen import (EngineTarget, HttpTarget, RequestError, R
                                       Workload, generation_request)
 from mlx_serving.bench.servers import serve_run
 from mlx_serving.deployments.app import server_deployment_name
-from mlx_serving.deployments.serve_env import describe
+from mlx_serving.deployments.serve_env import describe, ensure_applied
 from mlx_serving.engine import Engine, EngineConfig
 from mlx_serving.engine.blas import ensure_preloaded
 
@@ -170,5 +170,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    ensure_applied()     # the handle path talks to the replica as the Routers do
     ensure_preloaded()   # the BLAS that `make` and the Serve replicas use
     sys.exit(main())

@@ -81,6 +81,19 @@ def serve_env(environ: Mapping[str, str] = os.environ,
     return {k: v for k, v in wanted.items() if k not in environ}
 
 
+def ensure_applied() -> None:
+    """Restart this process with ``serve_env()`` added to its environment if any of it is
+    missing (``os.execve``, the same command line; the restarted process has it all).
+
+    For drivers that call the replicas through Serve handles: Serve reads these settings
+    when ``ray.serve`` is first imported, so a driver that imported it before setting them
+    would call the replicas as Ray actors while the Routers use gRPC.
+    """
+    missing = serve_env()
+    if missing:
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, **missing})
+
+
 def describe(environ: Mapping[str, str] = os.environ) -> str:
     """One line saying which mode Ray would start in here, and why."""
     effective = {**environ, **serve_env(environ)}

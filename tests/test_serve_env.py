@@ -58,3 +58,29 @@ def test_a_binary_path_that_is_not_executable_is_no_binary(tmp_path):
     assert haproxy_binary({"RAY_SERVE_HAPROXY_BINARY_PATH": str(script)}) is None
     script.chmod(0o755)
     assert haproxy_binary({"RAY_SERVE_HAPROXY_BINARY_PATH": str(script)}) == str(script)
+
+
+@pytest.mark.parametrize("mode, expected", [("throughput", "1"), ("default", None)])
+def test_a_driver_restarts_once_into_the_mode(mode, expected):
+    """``ensure_applied`` restarts the process with the mode's variables (a driver's handles
+    must see them before ray.serve is imported); the restarted process stays."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = ("import json, os, sys\n"
+              "from mlx_serving.deployments.serve_env import ensure_applied\n"
+              "print('started', flush=True)\n"
+              "ensure_applied()\n"
+              "print(json.dumps([sys.argv[1:], os.environ.get('RAY_SERVE_THROUGHPUT_OPTIMIZED'),"
+              " os.environ.get('RAY_SERVE_HAPROXY_MAXCONN')]))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+    env.update({"MLX_SERVING_SERVE_MODE": mode, "RAY_SERVE_HAPROXY_BINARY_PATH": "/bin/true"})
+    out = subprocess.run([sys.executable, "-c", script, "an-argument"], env=env,
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    lines = out.splitlines()
+    assert lines.count("started") == (2 if expected else 1), out
+    argv, optimized, maxconn = json.loads(lines[-1])
+    assert argv == ["an-argument"] and optimized == expected, out
+    assert (maxconn is None) == (expected is None), out

@@ -258,9 +258,12 @@ def test_restart_mid_rollout_resumes_the_same_stage(serve_app, tmp_path, capsys)
 
 
 def test_healthy_canary_is_promoted_through_every_stage(serve_app, tmp_path, capsys):
+    # Two extensions per stage: with both variants on the 2 cores of a CI box, the upper
+    # bound of the TTFT ratio over 60 samples reached 1.20 against the 1.25 margin, and two
+    # looks in a row came out inconclusive (the rollout paused) in 2 of 9 runs (2026-11-27).
     plan = plan_file(tmp_path, [
-        {"weight": 25, "min_samples": 60, "min_duration_s": 2},
-        {"weight": 50, "min_samples": 60, "min_duration_s": 2},
+        {"weight": 25, "min_samples": 60, "min_duration_s": 2, "max_extensions": 2},
+        {"weight": 50, "min_samples": 60, "min_duration_s": 2, "max_extensions": 2},
         {"weight": 100, "min_samples": 10, "min_duration_s": 2}])
     run_cli(serve_app, "start", "canary", "--plan", plan, capsys=capsys)
     try:
