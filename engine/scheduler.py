@@ -102,8 +102,11 @@ class Scheduler:
         self._live: dict[str, Sequence] = {}
         self._live_batch = 0                # batch-class sequences in _live
         self._to_wake: list = []            # streams given output this turn
-        self._lock = threading.Lock()       # guards _ids (touched by callers)
+        self._lock = threading.Lock()       # guards _ids and _closed (touched by callers)
         self._ids: set[str] = set()
+        # Set once the engine thread takes no more work (stopping, or died); from then on the
+        # inbox gets nothing, so nothing can land there after _abort_all has emptied it.
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
 
     # -- any thread ----------------------------------------------------------------------------
@@ -130,6 +133,8 @@ class Scheduler:
         """Queue a sequence for admission; raises QueueFullError (or its LoadShedError) when
         admission control refuses it."""
         with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine thread is not running")
             if seq.request_id in self._ids:
                 raise ValueError(f"request id {seq.request_id!r} is already in use")
             runner = self.runners.get(seq.model_name)
@@ -137,7 +142,7 @@ class Scheduler:
                 len(seq.prompt_ids), seq.kv_bytes, seq.priority,
                 free_slots=self._free_slots(runner) if runner else self.config.max_batch_size)
             self._ids.add(seq.request_id)
-        self._inbox.put(_Submit(seq))
+            self._inbox.put(_Submit(seq))
 
     def cancel(self, request_id: str) -> None:
         self._inbox.put(_Cancel(request_id))
@@ -145,10 +150,11 @@ class Scheduler:
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run ``fn`` on the engine thread between steps; the future holds its result."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        if not self.alive:
-            future.set_exception(EngineClosedError("the engine thread is not running"))
-        else:
-            self._inbox.put(_Call(fn, future))
+        with self._lock:
+            if self._closed or not self.alive:
+                future.set_exception(EngineClosedError("the engine thread is not running"))
+            else:
+                self._inbox.put(_Call(fn, future))
         return future
 
     def stop(self) -> None:
@@ -548,6 +554,8 @@ class Scheduler:
         self._push(seq, delta)
 
     def _abort_all(self, message: str) -> None:
+        with self._lock:
+            self._closed = True
         for seq in list(self._live.values()):
             try:
                 self._end(seq, FinishReason.ERROR, message, EngineClosedError.code)
@@ -555,7 +563,7 @@ class Scheduler:
                 seq.status = SequenceStatus.FINISHED
                 self._complete(seq, FinishReason.ERROR, error=message,
                                error_code=EngineClosedError.code)
-        # Submissions that raced with the stop.
+        # Submissions that raced with the stop; none can come after this.
         while True:
             try:
                 msg = self._inbox.get_nowait()

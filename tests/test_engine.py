@@ -598,14 +598,24 @@ def test_step_failure_ends_requests_with_error_and_engine_recovers(tiny_model_pa
         eng.shutdown()
 
 
+def break_admission(eng) -> None:
+    """The engine thread dies of a bug the next time it admits a waiting request."""
+    scheduler = eng._scheduler
+    admit = scheduler._admit
+
+    def broken_admit():
+        if scheduler._waiting:
+            raise RuntimeError("scheduler bug")
+        admit()
+
+    scheduler._admit = broken_admit
+
+
 def test_dead_engine_thread_fails_requests_and_health(tiny_model_path):
     eng = make_engine(tiny_model_path)
     try:
-        def broken_admit():
-            raise RuntimeError("scheduler bug")
-
         async def go():
-            eng._scheduler._admit = broken_admit
+            break_admission(eng)
             stream = eng.submit(chat("x", max_tokens=5))
             return [d async for d in stream][-1]
 
@@ -618,6 +628,31 @@ def test_dead_engine_thread_fails_requests_and_health(tiny_model_path):
 
         with pytest.raises(EngineClosedError):
             run(submit_again())
+    finally:
+        eng.shutdown()
+
+
+def test_a_request_that_races_the_engine_threads_death_is_refused_not_lost(tiny_model_path):
+    """``submit`` checks the engine's health before it queues: a thread that dies in between
+    has already emptied its inbox, so a request queued then was never answered (its reader
+    hung; seen in CI when the thread died before the test's request arrived). The queue
+    now refuses work once the thread has stopped taking it."""
+    eng = make_engine(tiny_model_path)
+    try:
+        async def kill_the_thread():
+            break_admission(eng)
+            return [d async for d in eng.submit(chat("x", max_tokens=5))][-1]
+
+        assert run(kill_the_thread()).finish_reason is FinishReason.ERROR
+        wait_until(lambda: not eng._scheduler.alive)
+        eng.is_healthy = lambda: True   # submit's check passes, as just before the death
+
+        async def submit_late():
+            eng.submit(chat("x", max_tokens=5))
+
+        with pytest.raises(EngineClosedError):
+            run(submit_late())
+        assert eng._scheduler.call(lambda: None).exception(timeout=1) is not None
     finally:
         eng.shutdown()
 
