@@ -56,14 +56,10 @@ def test_a_request_past_its_deadline_is_a_504(serve_app):
 
 
 def test_a_stream_past_its_deadline_ends_with_an_error_event(serve_app):
-    events = []
-    with httpx.stream("POST", f"{serve_app.url}{CHAT}", timeout=60,
-                      headers={**serve_app.headers(), "X-Request-Timeout": "0.3"},
-                      json=chat_body(max_tokens=1500, ignore_eos=True, stream=True)) as r:
-        assert r.status_code == 200
-        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    events = stream_events(serve_app, chat_body(max_tokens=1500, ignore_eos=True, stream=True),
+                           {"X-Request-Timeout": "0.3"})
     assert events[-1] != "[DONE]"
-    assert json.loads(events[-1])["error"]["code"] == "deadline_exceeded"
+    assert events[-1]["error"]["code"] == "deadline_exceeded"
 
 
 def test_a_deadline_counts_from_the_routers_arrival_not_the_replicas(serve_app):
@@ -121,8 +117,9 @@ def test_failures_after_the_first_token_count_against_the_circuit(serve_app):
     try:
         for _ in range(20):   # until every replica has the new config
             events = stream_events(serve_app, chat_body(stream=True, logprobs=True))
-            if "error" in events[-1]:
+            if events[-1] != "[DONE]":
                 break
+        assert events[-1] != "[DONE]", events
         assert any(e.get("choices") and e["choices"][0]["logprobs"]
                    for e in events[:-1]), events   # tokens first, then the failure
         assert events[-1]["error"]["code"] == "injected_fault", events
@@ -139,16 +136,13 @@ def test_failures_after_the_first_token_count_against_the_circuit(serve_app):
     assert_served_again(serve_app)
 
 
-def stream_events(app, body: dict) -> list[dict]:
-    """The JSON events of one streamed request, up to its end ([DONE] is left out)."""
-    events = []
+def stream_events(app, body: dict, headers: dict | None = None) -> list:
+    """The events of one streamed request, JSON parsed; the end marker stays "[DONE]"."""
     with httpx.stream("POST", f"{app.url}{CHAT}", json=body, timeout=60,
-                      headers=app.headers()) as r:
+                      headers={**app.headers(), **(headers or {})}) as r:
         assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                events.append(json.loads(line[6:]))
-    return events
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    return [d if d == "[DONE]" else json.loads(d) for d in data]
 
 
 def assert_served_again(app) -> None:
