@@ -458,31 +458,25 @@ class Router:
     async def _merged(self, started) -> AsyncIterator[tuple[int, Chunk | BaseException]]:
         """Chunks of several choices as they come, tagged with the choice index; every call
         is let go when the caller stops reading, wherever it stopped."""
+        tasks: list[asyncio.Task] = []
         try:
-            async for item in self._merged_chunks(started):
-                yield item
-        finally:
-            _close_calls(started)
+            if len(started) == 1:
+                try:
+                    async for chunk in self._chunks(*started[0]):
+                        yield 0, chunk
+                except Exception as exc:
+                    yield 0, exc
+                return
+            queue: asyncio.Queue = asyncio.Queue()
 
-    async def _merged_chunks(self, started) -> AsyncIterator[tuple[int, Chunk | BaseException]]:
-        if len(started) == 1:
-            try:
-                async for chunk in self._chunks(*started[0]):
-                    yield 0, chunk
-            except Exception as exc:
-                yield 0, exc
-            return
-        queue: asyncio.Queue = asyncio.Queue()
+            async def pump(index, args):
+                try:
+                    async for chunk in self._chunks(*args):
+                        await queue.put((index, chunk))
+                except Exception as exc:
+                    await queue.put((index, exc))
 
-        async def pump(index, args):
-            try:
-                async for chunk in self._chunks(*args):
-                    await queue.put((index, chunk))
-            except Exception as exc:
-                await queue.put((index, exc))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(started)]
-        try:
+            tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(started)]
             remaining = len(tasks)
             while remaining:
                 index, item = await queue.get()
@@ -492,6 +486,7 @@ class Router:
         finally:
             for t in tasks:
                 t.cancel()
+            _close_calls(started)
 
     async def _begin(self, route: Route, engine_requests: list, n: int) -> list:
         """Start every choice (prompt-major, ``n`` per prompt); a prompt's tokens count once."""
