@@ -104,7 +104,7 @@ def test_clients_that_hang_up_before_their_first_token_leave_nothing_behind(serv
                 return await asyncio.gather(*(
                     stream_once(http, serve_app, completion(f"early {i}", 100_000),
                                 patience_s=0.2 + 0.15 * (i % 8))
-                    for i in range(CONCURRENCY * 2)))
+                    for i in range(CONCURRENCY)))
 
         outcomes = asyncio.run(hang_up_early())
         assert all(o.hung and o.chunks == 0 for o in outcomes), outcomes
