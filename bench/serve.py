@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="the replica runs its engine in a child process (engine_process: true), "
                         "or not; default: the application's (a child process on a GPU)")
+    p.add_argument("--replica-niceness", type=int,
+                   help="the LLMServer replica's niceness (Ray's RAY_worker_niceness in its "
+                        "runtime_env); default: the application's (0; Ray's own default is 15)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     engine_settings = {}
@@ -149,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
                                   ("switch_interval_ms", args.switch_interval_ms))
                 if v is not None}
     config = stable_config(args.model, args.max_batch_size, settings, engine_settings)
+    if args.replica_niceness is not None:
+        actor = config["applications"][0]["args"]["variants"]["stable"]["deployment"][
+            "ray_actor_options"]
+        actor.setdefault("runtime_env", {}).setdefault("env_vars", {})[
+            "RAY_worker_niceness"] = str(args.replica_niceness)
     if args.engine_process is not None:
         config["applications"][0]["args"]["variants"]["stable"]["engine_process"] = (
             args.engine_process)

@@ -158,10 +158,13 @@ class LLMServer:
         return dataclasses.asdict(self.engine.stats())
 
     def info(self) -> dict:
-        """Where this replica runs: its process and the engine's, its GPUs, its models."""
+        """Where this replica runs: its process and the engine's (and the engine's
+        niceness), its GPUs, its models."""
         engine_pid = self.engine.pid if isinstance(self.engine, EngineProcess) else os.getpid()
         return {"replica": self.replica, "variant": self.variant, "pid": os.getpid(),
-                "engine_pid": engine_pid, "gpu_ids": _gpu_ids(),
+                "engine_pid": engine_pid,
+                "engine_niceness": os.getpriority(os.PRIO_PROCESS, engine_pid),
+                "gpu_ids": _gpu_ids(),
                 "openblas_preloaded": is_preloaded(),
                 "models": self.models()}
 

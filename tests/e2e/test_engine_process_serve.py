@@ -40,6 +40,8 @@ def client(serve_app, url) -> openai.OpenAI:
 def test_the_engine_runs_in_a_child_of_the_replica(replica):
     info = replica.info.remote().result(timeout_s=30)
     assert info["engine_pid"] != info["pid"]
+    # Not Ray's worker niceness (15), which the child would inherit (deployments/app.py).
+    assert info["engine_niceness"] == 0
     assert [m["id"] for m in info["models"]] == ["demo"]
 
 

@@ -57,6 +57,17 @@ def test_openblas_preload_reaches_the_replicas(serve_app):
     assert info["openblas_preloaded"] == (openblas_path() is not None)
 
 
+def test_the_engine_runs_at_the_default_niceness_not_rays_15(serve_app):
+    """Ray starts workers at niceness 15; an engine step is host work that must not yield
+    to every other process (deployments/app.py, replica_env)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(DEPLOYMENT, app_name=APP)
+    info = handle.info.remote().result(timeout_s=30)
+    assert info["engine_pid"] == info["pid"]
+    assert info["engine_niceness"] == 0
+
+
 def test_concurrent_requests_use_both_replicas_and_survive_a_replica_kill(serve_app):
     async def scenario():
         async with httpx.AsyncClient(timeout=120, headers=serve_app.headers()) as http:
