@@ -36,7 +36,7 @@ from mlx_serving.bench.engine import machine
 from mlx_serving.bench.loadgen import (EngineTarget, HttpTarget, RequestError, RequestSpec,
                                       Workload, generation_request)
 from mlx_serving.bench.servers import serve_run
-from mlx_serving.deployments.app import server_deployment_name
+from mlx_serving.deployments.app import server_deployment_name, with_env
 from mlx_serving.deployments.serve_env import describe, ensure_applied
 from mlx_serving.engine import Engine, EngineConfig
 from mlx_serving.engine.blas import ensure_preloaded
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the replica runs its engine in a child process (engine_process: true), "
                         "or not; default: the application's (a child process on a GPU)")
     p.add_argument("--replica-niceness", type=int,
-                   help="the LLMServer replica's niceness (Ray's RAY_worker_niceness in its "
+                   help="the LLMServer's and Routers' niceness (RAY_worker_niceness in their "
                         "runtime_env); default: the application's (0; Ray's own default is 15)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -153,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                 if v is not None}
     config = stable_config(args.model, args.max_batch_size, settings, engine_settings)
     if args.replica_niceness is not None:
-        actor = config["applications"][0]["args"]["variants"]["stable"]["deployment"][
-            "ray_actor_options"]
-        actor.setdefault("runtime_env", {}).setdefault("env_vars", {})[
-            "RAY_worker_niceness"] = str(args.replica_niceness)
+        app_args = config["applications"][0]["args"]
+        for options in (app_args["variants"]["stable"]["deployment"], app_args["router"]):
+            options["ray_actor_options"] = with_env(
+                options.get("ray_actor_options", {}),
+                {"RAY_worker_niceness": str(args.replica_niceness)})
     if args.engine_process is not None:
         config["applications"][0]["args"]["variants"]["stable"]["engine_process"] = (
             args.engine_process)

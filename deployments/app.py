@@ -18,18 +18,20 @@ def server_deployment_name(variant: str) -> str:
     return f"LLMServer-{variant}"
 
 
-def replica_env() -> dict[str, str]:
-    """Environment variables an LLMServer replica's process must start with.
+# Ray runs its workers at niceness 15, below every process at the default 0 (the raylet, the
+# GCS, whatever else runs on the machine). The replicas on the serving path opt out, as Ray's
+# job supervisor does: an engine step is host work on one thread (on a GPU, building the
+# graph and launching its kernels), and the Router relays every token; CPU contention
+# stretches both. The engine's child process inherits its replica's niceness.
+SERVING_ENV = {"RAY_worker_niceness": "0"}
 
-    - ``RAY_worker_niceness=0``: Ray runs its workers at niceness 15, below every process
-      at the default 0 (the raylet, the GCS, whatever else runs on the machine), and the
-      engine's child process inherits it. A decode step of a small model on a GPU is host
-      work (building the graph and launching its kernels on one thread), so CPU
-      contention stretches every step. Ray's job supervisor opts out the same way; an
-      ``env_vars`` entry in the variant's ``ray_actor_options.runtime_env`` overrides it.
-    - OpenBLAS preloaded when the process starts (Linux CPU backend; see ``preload_env``).
-    """
-    return {"RAY_worker_niceness": "0", **preload_env()}
+
+def with_env(actor_options: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """``ray_actor_options`` with ``env`` added to its ``runtime_env.env_vars``; variables
+    the options already set win."""
+    runtime_env = dict(actor_options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**env, **(runtime_env.get("env_vars") or {})}
+    return {**actor_options, "runtime_env": runtime_env}
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -43,12 +45,14 @@ def build_app(args: dict[str, Any]) -> Application:
     servers = {}
     for name, variant in config.variants.items():
         options = dict(variant.deployment)
-        actor = dict(options.pop("ray_actor_options", {"num_cpus": 0.5}))
-        env = {**replica_env(), **actor.get("runtime_env", {}).get("env_vars", {})}
-        actor["runtime_env"] = {**actor.get("runtime_env", {}), "env_vars": env}
+        # OpenBLAS must be preloaded when the process starts (Linux CPU backend).
+        actor = with_env(options.pop("ray_actor_options", {"num_cpus": 0.5}),
+                         {**SERVING_ENV, **preload_env()})
         servers[name] = LLMServer.options(
             name=server_deployment_name(name), ray_actor_options=actor,
             user_config=variant.settings.model_dump(), **options,
         ).bind(name, variant.engine.model_dump(), telemetry, variant.engine_process)
-    return Router.options(**config.router).bind(config.model_dump(), servers, telemetry,
-                                                controller)
+    router = dict(config.router)
+    router["ray_actor_options"] = with_env(router.get("ray_actor_options", {"num_cpus": 0.1}),
+                                           SERVING_ENV)
+    return Router.options(**router).bind(config.model_dump(), servers, telemetry, controller)

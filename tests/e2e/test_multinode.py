@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 import httpx
@@ -57,15 +58,20 @@ def test_openblas_preload_reaches_the_replicas(serve_app):
     assert info["openblas_preloaded"] == (openblas_path() is not None)
 
 
-def test_the_engine_runs_at_the_default_niceness_not_rays_15(serve_app):
-    """Ray starts workers at niceness 15; an engine step is host work that must not yield
-    to every other process (deployments/app.py, replica_env)."""
+def test_the_serving_path_runs_at_the_default_niceness_not_rays_15(serve_app):
+    """Ray starts workers at niceness 15; the engine and the Routers must not yield to every
+    other process on the machine (deployments/app.py, SERVING_ENV)."""
     from ray import serve
 
     handle = serve.get_deployment_handle(DEPLOYMENT, app_name=APP)
     info = handle.info.remote().result(timeout_s=30)
     assert info["engine_pid"] == info["pid"]
     assert info["engine_niceness"] == 0
+    routers = serve_app.replica_actors("Router").values()
+    assert len(routers) == 2
+    for name in routers:
+        actor = ray.get_actor(name, namespace="serve")
+        assert ray.get(actor.__ray_call__.remote(lambda self: os.nice(0))) == 0
 
 
 def test_concurrent_requests_use_both_replicas_and_survive_a_replica_kill(serve_app):
