@@ -158,8 +158,8 @@ class LLMServer:
         return dataclasses.asdict(self.engine.stats())
 
     def info(self) -> dict:
-        """Where this replica runs: its process and the engine's (and the engine's
-        niceness), its GPUs, its models."""
+        """Where this replica runs: its process, the engine's process and niceness, its
+        GPUs, its models."""
         engine_pid = self.engine.pid if isinstance(self.engine, EngineProcess) else os.getpid()
         return {"replica": self.replica, "variant": self.variant, "pid": os.getpid(),
                 "engine_pid": engine_pid,
