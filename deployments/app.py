@@ -46,13 +46,13 @@ def build_app(args: dict[str, Any]) -> Application:
     for name, variant in config.variants.items():
         options = dict(variant.deployment)
         # OpenBLAS must be preloaded when the process starts (Linux CPU backend).
-        actor = with_env(options.pop("ray_actor_options", {"num_cpus": 0.5}),
+        actor = with_env(options.pop("ray_actor_options", LLMServer.ray_actor_options),
                          {**SERVING_ENV, **preload_env()})
         servers[name] = LLMServer.options(
             name=server_deployment_name(name), ray_actor_options=actor,
             user_config=variant.settings.model_dump(), **options,
         ).bind(name, variant.engine.model_dump(), telemetry, variant.engine_process)
     router = dict(config.router)
-    router["ray_actor_options"] = with_env(router.get("ray_actor_options", {"num_cpus": 0.1}),
-                                           SERVING_ENV)
+    router["ray_actor_options"] = with_env(
+        router.get("ray_actor_options", Router.ray_actor_options), SERVING_ENV)
     return Router.options(**router).bind(config.model_dump(), servers, telemetry, controller)
