@@ -170,15 +170,14 @@ def test_admin_api_needs_the_operator_token(serve_app):
 
 
 def test_latency_regression_is_rolled_back_by_the_statistics(serve_app, tmp_path, capsys):
-    # +200% of stable's median TTFT at the drill's concurrency, measured before the rollout:
-    # eight times the plan's 25% TTFT margin. The median is taken before the canary's
-    # replicas share the 2 cores, so the TTFTs seen during the rollout are several times
-    # larger and a delay sized on it shrinks against them: at +50% (Serve's throughput mode)
-    # and again at +100% (replicas at niceness 0, which made the idle-canary median smaller)
-    # the regression passed as non-inferior in one CI run each (2026-11-27). Guards are off
+    # +100% of stable's median TTFT at the drill's concurrency, measured before the rollout:
+    # four times the plan's 25% TTFT margin. Sized at +50%, the regression passed as
+    # non-inferior in one CI run with Serve's throughput mode (2026-11-27): the median is
+    # taken before the canary's replicas share the 2 cores, and a small absolute delay then
+    # falls inside the margin of the TTFTs seen during the rollout. Guards are off
     # (``plan_file``): this drill is about the statistics.
     median = stable_median_ttft(serve_app)
-    delay_ms = 2.0 * median * 1000
+    delay_ms = 1.0 * median * 1000
     set_canary_fault(serve_app, delay_ms=delay_ms)
     try:
         plan = plan_file(tmp_path, [
