@@ -28,7 +28,6 @@ SERVE = str(Path(sys.executable).with_name("serve"))
 API_KEY = "test-api-key-from-the-environment"
 OPERATOR_TOKEN = "test-operator-token-from-the-environment"
 CONFIG_API_KEY = "test-api-key-from-the-config"
-STABLE = "LLMServer-stable"
 
 
 def free_port() -> int:
@@ -112,17 +111,21 @@ class ServeApp:
         self.config_path = config_path
 
     def deploy(self, deployment_overrides: list[dict] | None = None,
-               extra_apps: list[dict] | None = None) -> None:
+               extra_apps: list[dict] | None = None, timeout: float = 180.0) -> None:
         """(Re)deploy the config with ``serve run``; overrides go to its `deployments:` list.
         ``extra_apps`` are deployed beside it (a config lists every application: a later
-        deploy without them removes them again).
+        deploy without them removes them again). Returns once Serve runs the new config with
+        every deployment healthy: ``serve run --non-blocking`` returns when the config is
+        submitted, and /ready still answers from the old replicas meanwhile.
 
         Serve applies a changed user_config or max_ongoing_requests of a listed deployment
-        in place, without restarting replicas. The list always names LLMServer-stable:
-        Serve derives a listed deployment's actor options differently (it merges the app's
-        runtime_env into them), so listing it or not would restart its replicas."""
+        in place, without restarting replicas. The list always names every variant's
+        LLMServer: Serve derives a listed deployment's actor options differently (it merges
+        the app's runtime_env into them), so listing one only while it has an override
+        restarts its replicas at both changes."""
+        submitted = time.time()
         config = {**self.config, "applications": [dict(self.config["applications"][0])]}
-        entries = {STABLE: {"name": STABLE}}
+        entries = {name: {"name": name} for name in self.server_deployments}
         entries.update({o["name"]: o for o in deployment_overrides or []})
         config["applications"][0]["deployments"] = list(entries.values())
         config["applications"] += extra_apps or []
@@ -130,7 +133,33 @@ class ServeApp:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         subprocess.run([SERVE, "run", "--non-blocking", "-a", self.ray_address,
                         str(self.config_path)], check=True, env=env, cwd=REPO, timeout=300)
+        self._wait_settled([a["name"] for a in config["applications"]], submitted, timeout)
         self.wait_ready()
+
+    @property
+    def server_deployments(self) -> list[str]:
+        """The shared application's LLMServer deployments, one per variant."""
+        from mlx_serving.deployments.app import server_deployment_name
+
+        variants = self.config["applications"][0]["args"]["variants"]
+        return [server_deployment_name(name) for name in variants]
+
+    @staticmethod
+    def _wait_settled(apps: list[str], submitted: float, timeout: float) -> None:
+        from ray import serve
+
+        deadline = time.monotonic() + timeout
+        while True:
+            statuses = serve.status().applications
+            if all(app in statuses and statuses[app].last_deployed_time_s >= submitted - 1
+                   and statuses[app].status == "RUNNING"
+                   and all(d.status == "HEALTHY" for d in statuses[app].deployments.values())
+                   for app in apps):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the deployed config did not settle in {timeout:.0f} s: "
+                                   f"{ {app: statuses.get(app) for app in apps} }")
+            time.sleep(0.5)
 
     def admin(self, method: str, path: str, body: dict | None = None) -> dict:
         r = httpx.request(method, f"{self.url}{path}", json=body, timeout=30,

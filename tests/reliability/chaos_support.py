@@ -184,24 +184,6 @@ def replica_pids(app) -> dict[str, int]:
             for replica, name in app.replica_actors(DEPLOYMENT).items()}
 
 
-def deploy_and_settle(app, overrides: list[dict] | None = None, timeout: float = 120.0) -> None:
-    """``app.deploy(overrides)``, then wait until Serve reports that deployment running
-    with every deployment healthy (``serve run`` returns once the config is submitted)."""
-    from ray import serve
-
-    submitted = time.time()
-    app.deploy(overrides)
-    deadline = time.monotonic() + timeout
-    while True:
-        status = serve.status().applications.get("mlx-serving")
-        if (status is not None and status.last_deployed_time_s >= submitted - 1
-                and status.status == "RUNNING"
-                and all(d.status == "HEALTHY" for d in status.deployments.values())):
-            return
-        assert time.monotonic() < deadline, f"the application did not settle: {status}"
-        time.sleep(0.5)
-
-
 def qos_normal(app) -> bool:
     """The QoS monitor asks the stable variant for neither lowered admission nor batch
     shedding (what it does while an SLO is violated, and for recover_after_s after)."""

@@ -16,7 +16,7 @@ import asyncio
 import httpx
 import pytest
 from reliability.chaos_support import (IDLE_GAUGES, admin_streams, completion,
-                                       deploy_and_settle, memory_net_of_prefix_cache,
+                                       memory_net_of_prefix_cache,
                                        stream_once, wait_idle)
 
 CLIENTS = 100
@@ -92,7 +92,7 @@ def test_clients_that_hang_up_before_their_first_token_leave_nothing_behind(serv
     """Clients that give up (after 0.2-1.25 s) while their request waits for its first
     token behind a 1.5 s fault delay: every such request is let go, its sequence cancelled
     and its row gone from the admin view."""
-    deploy_and_settle(serve_app, [{"name": "LLMServer-stable",
+    serve_app.deploy([{"name": "LLMServer-stable",
                                    "user_config": {"fault": {"delay_ms": 1500}}}])
     try:
         probe = httpx.post(f"{serve_app.url}/v1/completions", json=completion("probe", 1),
@@ -109,7 +109,7 @@ def test_clients_that_hang_up_before_their_first_token_leave_nothing_behind(serv
         outcomes = asyncio.run(hang_up_early())
         assert all(o.hung and o.chunks == 0 for o in outcomes), outcomes
     finally:
-        deploy_and_settle(serve_app)
+        serve_app.deploy()
     after = wait_idle(serve_app)
     for replica, gauges in after.items():
         assert {k: gauges[k] for k in IDLE_GAUGES} == dict.fromkeys(IDLE_GAUGES, 0), replica

@@ -17,7 +17,7 @@ from collections import Counter
 import httpx
 import numpy as np
 import pytest
-from reliability.chaos_support import (DEPLOYMENT, completion, deploy_and_settle,
+from reliability.chaos_support import (DEPLOYMENT, completion,
                                        engine_gauges, qos_normal, stream_once, wait_idle)
 from support import wait_until
 
@@ -58,12 +58,12 @@ def test_four_times_capacity_is_refused_with_429s_then_served_normally(serve_app
                                                                       record_property):
     before = wait_idle(serve_app)
     rejected_before = sum(g["rejected"] for g in before.values())
-    deploy_and_settle(serve_app, [{"name": DEPLOYMENT, "max_ongoing_requests": ADMITTED}])
+    serve_app.deploy([{"name": DEPLOYMENT, "max_ongoing_requests": ADMITTED}])
     try:
         outcomes = [o for per_client in asyncio.run(
             _clients(serve_app, OFFERED, ATTEMPTS, "overload")) for o in per_client]
     finally:
-        deploy_and_settle(serve_app)
+        serve_app.deploy()
     kinds = Counter(o.kind for o in outcomes)
     admitted = [o for o in outcomes if o.kind == "completed"]
     refused = [o for o in outcomes if o.kind == "refused"]
