@@ -254,6 +254,8 @@ class _EngineCollector:
         yield gauge("kv_cache_budget_bytes", "KV memory budget.", s.kv_budget_bytes)
         yield gauge("prefix_cache_bytes", "Bytes held by the prefix cache.", s.prefix_cache_bytes)
         yield gauge("mlx_active_memory_bytes", "MLX active memory.", s.active_memory_bytes)
+        yield gauge("mlx_cache_memory_bytes", "Freed buffers MLX keeps for reuse.",
+                    s.cache_memory_bytes)
         yield gauge("engine_healthy", "1 while the engine thread runs.",
                     1.0 if self._server.engine.is_healthy() else 0.0)
         yield counter("prefix_cache_hits", "Requests that reused a cached prefix.",

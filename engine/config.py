@@ -69,6 +69,12 @@ class EngineConfig(BaseModel):
                     "per new (batch, length) shape on the engine thread (60-130 ms on an H100). "
                     "Off: MLX's own kernels, whose first use per shape costs 5-30 ms. Per "
                     "process; MLX_CUDA_USE_CUDNN_SDPA in the environment overrides it.")
+    mlx_cache_limit_bytes: int | None = Field(
+        default=None, ge=0,
+        description="Bytes of freed buffers MLX keeps for reuse (mx.set_cache_limit). None: "
+                    "10% of the GPU's memory on MLX's CUDA backend, whose own limit (90% of the "
+                    "GPU, active memory included) let a served 8B model's cache fill an 80 GB "
+                    "H100 until allocations failed; MLX's default elsewhere.")
     prompt_pad_multiple: int | None = Field(
         default=None, ge=1,
         description="Prompt passes pad their prompts to a multiple of this many tokens, so that "

@@ -23,7 +23,7 @@ import mlx.core as mx
 
 from mlx_serving.engine.admission import AdmissionSettings
 from mlx_serving.engine.config import EngineConfig, ModelConfig
-from mlx_serving.engine.cuda_backend import choose_cudnn_attention
+from mlx_serving.engine.cuda_backend import choose_cudnn_attention, set_cache_limit
 from mlx_serving.engine.errors import EngineClosedError, InvalidRequestError, ModelNotFoundError
 from mlx_serving.engine.model import LoadedModel, ModelInfo, pick_model
 from mlx_serving.engine.outputs import RequestOutput
@@ -68,6 +68,7 @@ class EngineStats:
     to_token_steps: int   # and engine steps from joining to the first token
     pauses: int     # times a sequence was paused because its reader lagged
     active_memory_bytes: int
+    cache_memory_bytes: int  # freed buffers MLX keeps for reuse (EngineConfig.mlx_cache_limit_bytes)
     waiting_tokens: int    # prompt tokens of the queued requests
     waiting_batch: int     # batch-class requests among them
     rejected: int          # submissions admission control refused (load shedding included)
@@ -107,6 +108,7 @@ class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
         choose_cudnn_attention(config.cudnn_attention)  # before any model runs
+        set_cache_limit(config.mlx_cache_limit_bytes, default_memory_bytes())
         budget = config.kv_memory_bytes or int(default_memory_bytes() * config.kv_memory_fraction)
         self._scheduler = Scheduler(config, budget)
         self._models: dict[str, LoadedModel] = {}
@@ -245,6 +247,7 @@ class Engine:
             to_token_steps=s.counters.to_token_steps,
             pauses=s.counters.paused_total,
             active_memory_bytes=mx.get_active_memory(),
+            cache_memory_bytes=mx.get_cache_memory(),
             waiting_tokens=queued.tokens,
             waiting_batch=queued.batch,
             rejected=s.admission.rejected,
