@@ -72,9 +72,9 @@ class EngineConfig(BaseModel):
     mlx_cache_limit_bytes: int | None = Field(
         default=None, ge=0,
         description="Bytes of freed buffers MLX keeps for reuse (mx.set_cache_limit). None: "
-                    "10% of the GPU's memory on MLX's CUDA backend, whose own limit (90% of the "
-                    "GPU, active memory included) let a served 8B model's cache fill an 80 GB "
-                    "H100 until allocations failed; MLX's default elsewhere.")
+                    "a tenth of the GPU's memory on MLX's CUDA backend, whose own bound (its "
+                    "memory limit, 75 of an H100's 80 GiB) let a served 8B model's engine fill "
+                    "the GPU until allocations failed; MLX's default elsewhere.")
     prompt_pad_multiple: int | None = Field(
         default=None, ge=1,
         description="Prompt passes pad their prompts to a multiple of this many tokens, so that "

@@ -39,10 +39,10 @@ def set_cache_limit(configured: int | None, device_memory: int) -> int | None:
     """Bound MLX's cache of freed buffers; returns the limit set, or None for MLX's default.
 
     ``configured``, else a tenth of ``device_memory`` on MLX's CUDA backend. There MLX's own
-    bound is its memory limit (90% of the GPU): a long-running engine, whose batches and KV
-    caches change shape every few steps, keeps that much in freed buffers, and CUDA's pools,
-    kernels and the replica's other process have to fit in the rest. On Metal and CPU the
-    cache lives in the machine's memory and MLX's default stands.
+    bound is its memory limit (75 of an H100's 80 GiB): a long-running engine, whose batches
+    and KV caches change shape every few steps, keeps that much in freed buffers, and CUDA's
+    pools, kernels and the replica's other process have to fit in the rest. On Metal and CPU
+    the cache lives in the machine's memory and MLX's default stands.
     """
     if configured is None and not mx.cuda.is_available():
         return None

@@ -68,7 +68,7 @@ class EngineStats:
     to_token_steps: int   # and engine steps from joining to the first token
     pauses: int     # times a sequence was paused because its reader lagged
     active_memory_bytes: int
-    cache_memory_bytes: int  # freed buffers MLX keeps for reuse (EngineConfig.mlx_cache_limit_bytes)
+    cache_memory_bytes: int   # freed buffers MLX keeps for reuse (mlx_cache_limit_bytes)
     waiting_tokens: int    # prompt tokens of the queued requests
     waiting_batch: int     # batch-class requests among them
     rejected: int          # submissions admission control refused (load shedding included)

@@ -229,6 +229,8 @@ def test_health_ready_metrics(serve_app, client):
     assert "mlx_serving:time_to_first_token_seconds_bucket" in text
     assert "mlx_serving:num_requests_running" in text
     assert "mlx_serving:engine_pauses_total" in text
+    assert "mlx_serving:mlx_active_memory_bytes" in text
+    assert "mlx_serving:mlx_cache_memory_bytes" in text
     assert serve_app.metric("mlx_serving:requests_finished_total") >= 1
     assert serve_app.metric("mlx_serving:request_engine_ttft_seconds_total") > 0
     assert "mlx_serving:request_queue_seconds_total" in text
