@@ -450,6 +450,9 @@ class Scheduler:
                 seq.status = SequenceStatus.FINISHED  # nothing left to remove from the batch
                 self._complete(seq, FinishReason.ERROR, error=f"model step failed: {exc!r}",
                                error_code="engine_error")
+            # Most often an allocation failed (the GPU out of memory): hand MLX's cache of
+            # freed buffers back, or the next steps fail the same way.
+            mx.clear_cache()
             return
         started = time.perf_counter()
         self.counters.steps += 1

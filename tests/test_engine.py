@@ -578,22 +578,29 @@ def test_step_failure_ends_requests_with_error_and_engine_recovers(tiny_model_pa
     eng = make_engine(tiny_model_path)
     try:
         runner = eng._scheduler.runners["tiny"]
-        real_next = runner.batch.next
+        real_step = runner.step
         calls = {"n": 0}
+        cache = {}
 
-        def failing_next():
+        def failing_step():
             calls["n"] += 1
             if calls["n"] == 3:
+                cache["at_failure"] = mx.get_cache_memory()
                 raise RuntimeError("simulated MLX failure")
-            return real_next()
+            if calls["n"] == 4:
+                cache["next_step"] = mx.get_cache_memory()
+            return real_step()
 
-        runner.batch.next = failing_next
+        runner.step = failing_step
         out = run(collect(eng, chat("x", max_tokens=50, temperature=0, ignore_eos=True)))
         assert out.final.finish_reason is FinishReason.ERROR
         assert "simulated MLX failure" in out.final.error
         assert eng.is_healthy()
         again = run(collect(eng, chat("x", max_tokens=5, temperature=0, ignore_eos=True)))
         assert again.final.finish_reason is FinishReason.LENGTH
+        # A failed step is most often a failed allocation: MLX's cache is handed back. (An
+        # 8B model's engine that filled an H100 failed every step after the first.)
+        assert cache["at_failure"] > 0 and cache["next_step"] < cache["at_failure"], cache
     finally:
         eng.shutdown()
 
