@@ -599,7 +599,7 @@ def test_step_failure_ends_requests_with_error_and_engine_recovers(tiny_model_pa
         again = run(collect(eng, chat("x", max_tokens=5, temperature=0, ignore_eos=True)))
         assert again.final.finish_reason is FinishReason.LENGTH
         # A failed step is most often a failed allocation: MLX's cache is handed back. (An
-        # 8B model's engine that filled an H100 failed every step after the first.)
+        # 8B model's engine that had filled an H100 failed its next steps as well.)
         assert cache["at_failure"] > 0 and cache["next_step"] < cache["at_failure"], cache
     finally:
         eng.shutdown()
