@@ -18,7 +18,6 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -34,6 +33,7 @@ from mlx_serving.deployments.openai_format import (
 from mlx_serving.deployments.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
     TokenizeRequest, new_id)
+from mlx_serving.deployments.router_metrics import RouterMetrics
 from mlx_serving.deployments.settings import AppConfig
 from mlx_serving.deployments.telemetry import Reporter, replica_id, route_logs_to_serve
 from mlx_serving.deployments.traffic import Route, TrafficSplit
@@ -60,10 +60,6 @@ async def _openai_shaped_http_error(request: Request, exc: StarletteHTTPExceptio
     err = HTTPError(exc.status_code, str(exc.detail), type="invalid_request_error",
                     code="not_found" if exc.status_code == 404 else "method_not_allowed")
     return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
-
-
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
 
 def _failure(item: "Chunk | BaseException") -> HTTPError | None:
@@ -139,44 +135,6 @@ def service_class(body, headers) -> tuple[str, float | None]:
     priority = body.priority or header_priority or "interactive"
     timeout_s = body.timeout_s if body.timeout_s is not None else header_timeout
     return priority, timeout_s
-
-
-class _Metrics:
-    """The Router replica's own metrics (merged application-wide by Telemetry)."""
-
-    def __init__(self, replica: str):
-        self.registry = CollectorRegistry(auto_describe=True)
-        r, labels = self.registry, ["variant", "replica"]
-        self.requests = Counter("mlx_serving:requests", "Requests finished, by outcome.",
-                                labels + ["endpoint", "outcome"], registry=r)
-        self.ttft = Histogram("mlx_serving:time_to_first_token_seconds", "Time to first token.",
-                              labels, buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("mlx_serving:inter_token_latency_seconds",
-                             "Time between tokens (per chunk: gap / tokens in it).",
-                             labels, buckets=_ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("mlx_serving:e2e_request_latency_seconds", "Request latency.",
-                             labels, buckets=_LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("mlx_serving:prompt_tokens", "Prompt tokens.", labels,
-                                     registry=r)
-        self.generation_tokens = Counter("mlx_serving:generation_tokens", "Generated tokens.",
-                                         labels, registry=r)
-        self.active = Gauge("mlx_serving:router_active_streams", "Streams being served.",
-                            ["replica"], registry=r)
-        self.errors = Counter("mlx_serving:request_errors", "Failed requests by error type.",
-                              labels + ["type", "code"], registry=r)
-        self.cached_tokens = Counter("mlx_serving:prompt_tokens_cached",
-                                     "Prompt tokens served from the prefix cache.", labels,
-                                     registry=r)
-        self.circuit_state = Gauge("mlx_serving:circuit_state",
-                                   "Circuit breaker per variant: 0 closed, 1 half-open, 2 open.",
-                                   labels, registry=r)
-        self.circuit_transitions = Counter("mlx_serving:circuit_transitions",
-                                           "Circuit breaker state changes.", labels + ["to"],
-                                           registry=r)
-        self.retries = Counter("mlx_serving:request_retries",
-                               "Requests sent again after their replica failed before the "
-                               "first token.", labels, registry=r)
-        self.replica = replica
 
 
 class _Call:
@@ -280,7 +238,7 @@ class Router:
                  or os.environ.get("MLX_SERVING_OPERATOR_TOKEN"))
         self._operator_token = token.encode() if token else None
         self._replica = replica_id()
-        self._metrics = _Metrics(self._replica)
+        self._metrics = RouterMetrics(self._replica)
         self._active: dict[str, ActiveStream] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
         self._catalog = ModelCatalog(servers)
