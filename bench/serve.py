@@ -37,6 +37,8 @@ from mlx_serving.bench.loadgen import (EngineTarget, HttpTarget, RequestError, R
                                       Workload, generation_request)
 from mlx_serving.bench.servers import serve_run
 from mlx_serving.deployments.app import server_deployment_name, with_env
+from mlx_serving.deployments.llm_server import LLMServer
+from mlx_serving.deployments.router import Router
 from mlx_serving.deployments.serve_env import describe, ensure_applied
 from mlx_serving.engine import Engine, EngineConfig
 from mlx_serving.engine.blas import ensure_preloaded
@@ -154,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     config = stable_config(args.model, args.max_batch_size, settings, engine_settings)
     if args.replica_niceness is not None:
         app_args = config["applications"][0]["args"]
-        for options in (app_args["variants"]["stable"]["deployment"], app_args["router"]):
+        for options, default in ((app_args["variants"]["stable"]["deployment"],
+                                  LLMServer.ray_actor_options),
+                                 (app_args["router"], Router.ray_actor_options)):
             options["ray_actor_options"] = with_env(
-                options.get("ray_actor_options", {}),
+                options.get("ray_actor_options", default),
                 {"RAY_worker_niceness": str(args.replica_niceness)})
     if args.engine_process is not None:
         config["applications"][0]["args"]["variants"]["stable"]["engine_process"] = (

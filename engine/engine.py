@@ -108,8 +108,9 @@ class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
         choose_cudnn_attention(config.cudnn_attention)  # before any model runs
-        set_cache_limit(config.mlx_cache_limit_bytes, default_memory_bytes())
-        budget = config.kv_memory_bytes or int(default_memory_bytes() * config.kv_memory_fraction)
+        memory = default_memory_bytes()
+        set_cache_limit(config.mlx_cache_limit_bytes, memory)
+        budget = config.kv_memory_bytes or int(memory * config.kv_memory_fraction)
         self._scheduler = Scheduler(config, budget)
         self._models: dict[str, LoadedModel] = {}
         self._accepting = True
