@@ -129,8 +129,10 @@ async def wait_quiet(limit: float | None) -> tuple[float, float, float] | None:
 
 
 async def sweep_endpoint(endpoint: Endpoint, args: argparse.Namespace, levels: list[Level],
-                         loads: list) -> list[LoadResult]:
-    """Every level against one endpoint; appends the load average before each to ``loads``."""
+                         loads: list, on_level: Callable[[list[LoadResult]], None] | None = None
+                         ) -> list[LoadResult]:
+    """Every level against one endpoint; appends the load average before each to ``loads``
+    and hands the results so far to ``on_level`` after each level."""
     from tqdm import tqdm
 
     results = []
@@ -161,6 +163,8 @@ async def sweep_endpoint(endpoint: Endpoint, args: argparse.Namespace, levels: l
                 r = await run_load(target, workload, level.concurrency, probe, rate=level.rate,
                                    on_done=done)
             results.append(r)
+            if on_level:
+                on_level(results)
             print(f"{endpoint.name} {label}: {r.output_tok_s:,.1f} tok/s, TTFT p50 "
                   f"{r.ttft_ms['p50'] or 0:,.0f} ms, {r.requests_ok} ok, {r.requests_failed} "
                   f"failed, {r.requests_short} short; load before {loads[-1]}", file=sys.stderr)
@@ -309,19 +313,27 @@ def run(args: argparse.Namespace) -> int:
             with opener() as endpoint:
                 if label in bias_for:
                     endpoint.extra_body = {**endpoint.extra_body, "logit_bias": bias}
-                results = asyncio.run(sweep_endpoint(endpoint, args, levels, loads))
+                entry = record["servers"].setdefault(
+                    label, {"url": endpoint.url, "model": endpoint.model,
+                            "command": endpoint.command, "extra_body": endpoint.extra_body,
+                            "runs": []})
+                entry["runs"].append([])
+
+                def keep(results: list[LoadResult]) -> None:
+                    """results.json after every level: a sweep stopped midway (a time limit,
+                    SIGTERM) keeps the levels it finished."""
+                    entry["runs"][-1] = [{"load_before": load, **r.to_dict()}
+                                         for load, r in zip(loads, results)]
+                    (out / "results.json").write_text(json.dumps(record, indent=2))
+
+                results = asyncio.run(sweep_endpoint(endpoint, args, levels, loads, keep))
                 checked = (crosscheck_endpoint(endpoint, args, levels, model, out)
                            if args.guidellm else None)
-            entry = record["servers"].setdefault(
-                label, {"url": endpoint.url, "model": endpoint.model, "command": endpoint.command,
-                        "extra_body": endpoint.extra_body, "runs": []})
-            entry["runs"].append([{"load_before": load, **r.to_dict()}
-                                  for load, r in zip(loads, results)])
             _add(runs, label, results)
             if checked:
                 entry.setdefault("guidellm_runs", []).append([r.to_dict() for r in checked])
                 _add(runs, f"{label} · GuideLLM", checked)
-            (out / "results.json").write_text(json.dumps(record, indent=2))  # kept if killed
+                (out / "results.json").write_text(json.dumps(record, indent=2))
 
     baseline = args.baseline or (SERVER_NAMES["mlx_lm"] if SERVER_NAMES["mlx_lm"] in runs
                                  else next(iter(runs)))

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import statistics
 from pathlib import Path
 
 import pytest
 
+from mlx_serving.bench import llm
 from mlx_serving.bench.crosscheck import load_result, scenario
 from mlx_serving.bench.llm import replica_shares
 from mlx_serving.bench.llm import main as bench_main
@@ -270,6 +272,28 @@ def test_bench_llm_against_mlx_lm_server(mlx_lm_server, tiny_model_path, tmp_pat
     for png in ("throughput.png", "ttft.png"):
         assert (out / png).read_bytes().startswith(PNG_MAGIC)
     assert "![throughput](throughput.png)" in (out / "report.md").read_text()
+
+
+def test_a_sweep_stopped_midway_keeps_the_levels_it_finished(mlx_lm_server, tmp_path, monkeypatch):
+    """A time limit's SIGTERM during the second level: results.json already holds the first
+    (it used to be written only after a server's whole sweep, and a killed sweep lost all)."""
+    real_run_load, levels_started = llm.run_load, []
+
+    async def stopped_in_the_second_level(*args, **kwargs):
+        levels_started.append(kwargs.get("rate"))
+        if len(levels_started) == 2:
+            llm._exit_on_signal(signal.SIGTERM, None)
+        return await real_run_load(*args, **kwargs)
+
+    monkeypatch.setattr(llm, "run_load", stopped_in_the_second_level)
+    with pytest.raises(SystemExit) as stopped:
+        bench_main(["--url", mlx_lm_server.url, "--model", mlx_lm_server.model, "--label", "lm",
+                    "--concurrency", "1", "2", "--requests", "2", "--output-tokens", "4",
+                    "--out", str(tmp_path), "--no-progress", "--no-plots"])
+    assert stopped.value.code == 128 + signal.SIGTERM and len(levels_started) == 2
+    kept = json.loads((tmp_path / "results.json").read_text())["servers"]["lm"]["runs"]
+    assert [[lv["concurrency"] for lv in run] for run in kept] == [[1]]
+    assert kept[0][0]["requests_ok"] == 2 and kept[0][0]["output_tokens"] == 2 * 4
 
 
 def test_shared_prefix_chats_run_against_mlx_lm_server(mlx_lm_server, tmp_path):
