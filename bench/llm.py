@@ -223,11 +223,13 @@ def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -
     engines saw it, and the engines' mean queue time (each is a share of the one before)
     and time from admission to the decode batch (in ms and engine steps), and the steps
     from there to the first token; then the engine threads' time by activity, as a share of
-    the level's wall time."""
-    from mlx_serving.bench.replicas import (ENGINE_ACTIVITIES, ENGINE_TTFT, FINISHED, QUEUED,
-                                            ROUTER_TTFT_COUNT, ROUTER_TTFT_SUM, STEPS,
-                                            TO_DECODE, TO_DECODE_STEPS, TO_TOKEN_STEPS, TOKENS,
-                                            engine_seconds, of_metric)
+    the level's wall time; and each replica's mean requests in flight as Serve counts them
+    (its streams) and as its engine does, whose difference shows a replica that routing
+    thinks busier than its engine is."""
+    from mlx_serving.bench.replicas import (ENGINE_ACTIVITIES, ENGINE_TTFT, FINISHED, IN_ENGINE,
+                                            IN_REPLICA, QUEUED, ROUTER_TTFT_COUNT,
+                                            ROUTER_TTFT_SUM, STEPS, TO_DECODE, TO_DECODE_STEPS,
+                                            TO_TOKEN_STEPS, TOKENS, engine_seconds, of_metric)
 
     lines = []
     for label, by_level in runs.items():
@@ -266,6 +268,11 @@ def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -
                 wall = r.duration_s * len(tokens)
                 part += (f", engine time % {' / '.join(ENGINE_ACTIVITIES)} "
                          + " / ".join(f"{100 * x / wall:.0f}" for x in seconds))
+            in_replica, in_engine = of_metric(counters, IN_REPLICA), of_metric(counters, IN_ENGINE)
+            if in_replica and in_engine:
+                part += ", in flight per replica / in its engine " + ", ".join(
+                    f"{in_replica.get(rep, 0.0) / r.duration_s:.1f}/"
+                    f"{in_engine.get(rep, 0.0) / r.duration_s:.1f}" for rep in order)
             parts.append(part)
         if parts:
             lines.append(f"\n{label}, by replica (busiest first): " + "; ".join(parts))

@@ -119,6 +119,9 @@ ENGINE_TTFT = "mlx_serving:request_engine_ttft_seconds_total"
 TO_DECODE = "mlx_serving:request_to_decode_seconds_total"
 TO_DECODE_STEPS = "mlx_serving:request_to_decode_steps_total"
 TO_TOKEN_STEPS = "mlx_serving:request_to_token_steps_total"
+# summed residence of finished requests: Serve's view (the replica's streams) and the engine's
+IN_REPLICA = "mlx_serving:request_replica_seconds_total"
+IN_ENGINE = "mlx_serving:request_engine_seconds_total"
 ROUTER_TTFT_SUM = "mlx_serving:time_to_first_token_seconds_sum"       # from the Router's arrival
 ROUTER_TTFT_COUNT = "mlx_serving:time_to_first_token_seconds_count"
 ENGINE_SECONDS = "mlx_serving:engine_thread_seconds_total"
@@ -134,7 +137,7 @@ def engine_seconds(activity: str) -> str:
 
 # what bench llm reads from our application around each level
 PROBED = (TOKENS, STEPS, FINISHED, QUEUED, ENGINE_TTFT, TO_DECODE, TO_DECODE_STEPS,
-          TO_TOKEN_STEPS, ROUTER_TTFT_SUM, ROUTER_TTFT_COUNT,
+          TO_TOKEN_STEPS, IN_REPLICA, IN_ENGINE, ROUTER_TTFT_SUM, ROUTER_TTFT_COUNT,
           *map(engine_seconds, ENGINE_ACTIVITIES))
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import sys
+import time
 from typing import AsyncIterator
 
 import ray
@@ -58,6 +59,7 @@ class LLMServer:
         self.settings = ServerSettings()
         self.replica = replica_id()
         self._active = 0
+        self.stream_seconds = 0.0  # summed over the streams served (see _EngineCollector)
         self._directive = (1.0, False)  # (admission scale, shed batch) applied to the engine
         log.info("LLMServer %s (%s) ready; GPUs %s; OpenBLAS preloaded: %s", self.replica,
                  variant, _gpu_ids(), is_preloaded())
@@ -85,6 +87,7 @@ class LLMServer:
         replica with the traffic itself. Invalid requests and refused admissions raise the
         engine's typed errors before the first chunk.
         """
+        called = time.monotonic()
         await self._apply_directive(directive or _NORMAL)
         abort_after = await self._inject_faults()
         stream = self.engine.submit(request)
@@ -111,6 +114,7 @@ class LLMServer:
                     await stream.hold(self._chunk_interval())
         finally:
             self._active -= 1
+            self.stream_seconds += time.monotonic() - called
             stream.cancel()  # a no-op when finished; frees the sequence when the client left
             ended = last.finish_reason if last is not None and last.finished else "disconnected"
             log.info("request %s ended: %s", request.request_id, ended,
@@ -271,6 +275,13 @@ class _EngineCollector:
                       "arrival at the engine to admission into the batch.", s.queued_s)
         yield counter("request_engine_ttft_seconds", "Summed time of finished requests from "
                       "arrival at the engine to their first token.", s.ttft_s)
+        yield counter("request_engine_seconds", "Summed time of finished requests from arrival "
+                      "at the engine to their end (÷ wall time: requests in the engine).",
+                      s.request_s)
+        yield counter("request_replica_seconds", "Summed time of the streams this replica "
+                      "served, from the Router's call to the stream's end, which is how long "
+                      "Serve counts each as ongoing here (÷ wall time: their mean number).",
+                      self._server.stream_seconds)
         yield counter("request_to_decode_seconds", "Summed time of finished requests from "
                       "admission into the batch to joining its decode steps (prompt passed).",
                       s.to_decode_s)

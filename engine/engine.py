@@ -62,7 +62,8 @@ class EngineStats:
     generated_tokens: int
     finished: int       # requests ended, for whatever reason
     queued_s: float     # their summed time from submit to admission into the batch,
-    ttft_s: float       # and from submit to the first token (the engine's share of TTFT)
+    ttft_s: float       # and from submit to the first token (the engine's share of TTFT),
+    request_s: float    # and from submit to their end (÷ wall time: requests in the engine)
     to_decode_s: float  # and from admission to joining the decode batch (prompt pass done),
     to_decode_steps: int  # the same in engine steps,
     to_token_steps: int   # and engine steps from joining to the first token
@@ -243,6 +244,7 @@ class Engine:
             finished=s.counters.finished,
             queued_s=s.counters.queued_s,
             ttft_s=s.counters.ttft_s,
+            request_s=s.counters.request_s,
             to_decode_s=s.counters.to_decode_s,
             to_decode_steps=s.counters.to_decode_steps,
             to_token_steps=s.counters.to_token_steps,

@@ -72,7 +72,8 @@ class SchedulerCounters:
     preempted: int = 0      # batch-class sequences paused to make room for interactive ones
     expired: int = 0        # requests ended by their deadline
     queued_s: float = 0.0   # sums over the finished requests: submit -> admitted,
-    ttft_s: float = 0.0     # and submit -> first token (those that got one)
+    ttft_s: float = 0.0     # and submit -> first token (those that got one),
+    request_s: float = 0.0  # and submit -> end
     to_decode_s: float = 0.0   # admitted -> prompt passed and in the decode batch
     to_decode_steps: int = 0   # the same in engine steps,
     to_token_steps: int = 0    # and in the decode batch -> first token
@@ -549,6 +550,7 @@ class Scheduler:
         )
         self.counters.queued_s += timings.queued_s
         self.counters.ttft_s += timings.ttft_s
+        self.counters.request_s += timings.total_s
         if seq.joined_at is not None:
             self.counters.to_decode_s += seq.joined_at - seq.admitted_at
             self.counters.to_decode_steps += seq.joined_step - seq.admitted_step

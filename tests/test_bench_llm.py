@@ -178,6 +178,15 @@ def test_report_gives_each_replicas_share_of_the_tokens_and_its_step_rate():
         "engine queue 50 ms, engine time % prefill / decode / join / admit / release / tokens "
         "0 / 50 / 10 / 0 / 0 / 0")
 
+    # with the time requests spent at each replica (Serve's count) and in its engine, their
+    # mean numbers in flight, busiest replica first: b's routing sees more than b's engine holds
+    on_replica, in_engine = ("mlx_serving:request_replica_seconds_total",
+                             "mlx_serving:request_engine_seconds_total")
+    runs["mlx-serving"][0][0].counters.update({f"{on_replica}@a": 3.0, f"{on_replica}@b": 5.0,
+                                               f"{in_engine}@a": 2.9, f"{in_engine}@b": 3.5})
+    assert replica_shares(runs, ["c=32", "c=64"])[0].endswith(
+        "0 / 50 / 10 / 0 / 0 / 0, in flight per replica / in its engine 5.0/3.5, 3.0/2.9")
+
 
 def test_guidellm_report_is_read_as_a_load_result():
     def dist(values):

@@ -410,6 +410,7 @@ def test_stats_sum_the_queue_time_and_ttft_of_finished_requests(tiny_model_path)
         timings = [o.final.timings for o in outs]
         assert after.queued_s - before.queued_s == pytest.approx(sum(t.queued_s for t in timings))
         assert after.ttft_s - before.ttft_s == pytest.approx(sum(t.ttft_s for t in timings))
+        assert after.request_s - before.request_s == pytest.approx(sum(t.total_s for t in timings))
         assert all(0 <= t.queued_s < t.ttft_s for t in timings)
         # from admission, each waited for and ran its prompt pass, then joined the decode
         # batch; there its last prompt token is fed with the next step (the echo), and the

@@ -76,6 +76,32 @@ def test_injected_aborts_come_before_the_first_token_or_after_some(server, after
     wait_until(lambda: server.engine.stats().running == 0, timeout=10)   # a cancel is async
 
 
+def test_time_in_flight_is_exported_as_serve_and_the_engine_count_it(server):
+    """Serve counts a request at its replica for as long as the replica's stream lasts, the
+    engine from submit to the request's end: /metrics sums both over the ended requests
+    (÷ wall time: the mean number in flight, as routing sees it and as the engine does),
+    and the stream encloses the engine's part."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mlx_serving.deployments.llm_server import _EngineCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_EngineCollector(server))
+    names = ("mlx_serving:request_replica_seconds_total",
+             "mlx_serving:request_engine_seconds_total")
+
+    def seconds() -> tuple[float, float]:
+        samples = {s.name: s.value for f in text_string_to_metric_families(
+            generate_latest(registry).decode()) for s in f.samples}
+        return samples[names[0]], samples[names[1]]
+
+    before = seconds()
+    asyncio.run(run(server, request()))
+    in_replica, in_engine = (b - a for a, b in zip(before, seconds()))
+    assert 0 < in_engine <= in_replica
+
+
 def test_engine_thread_time_is_exported_by_activity(server):
     """/metrics splits the engine thread's time by activity, and the busy ones add up to no
     more than the wall time they cover (an idle wait is counted when it ends, so it may

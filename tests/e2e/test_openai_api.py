@@ -233,6 +233,8 @@ def test_health_ready_metrics(serve_app, client):
     assert "mlx_serving:mlx_cache_memory_bytes" in text
     assert serve_app.metric("mlx_serving:requests_finished_total") >= 1
     assert serve_app.metric("mlx_serving:request_engine_ttft_seconds_total") > 0
+    assert (serve_app.metric("mlx_serving:request_replica_seconds_total")
+            >= serve_app.metric("mlx_serving:request_engine_seconds_total") > 0)
     assert "mlx_serving:request_queue_seconds_total" in text
     assert 'activity="decode"' in text and "mlx_serving:engine_thread_seconds_total" in text
 
