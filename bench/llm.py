@@ -331,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
                     SIGTERM) keeps the levels it finished."""
                     entry["runs"][-1] = [{"load_before": load, **r.to_dict()}
                                          for load, r in zip(loads, results)]
-                    (out / "results.json").write_text(json.dumps(record, indent=2))
+                    save_record(out, record)
 
                 results = asyncio.run(sweep_endpoint(endpoint, args, levels, loads, keep))
                 checked = (crosscheck_endpoint(endpoint, args, levels, model, out)
@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
             if checked:
                 entry.setdefault("guidellm_runs", []).append([r.to_dict() for r in checked])
                 _add(runs, f"{label} · GuideLLM", checked)
-                (out / "results.json").write_text(json.dumps(record, indent=2))
+                save_record(out, record)
 
     baseline = args.baseline or (SERVER_NAMES["mlx_lm"] if SERVER_NAMES["mlx_lm"] in runs
                                  else next(iter(runs)))
@@ -355,11 +355,16 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(r.requests_ok == 0 for rs in runs.values() for lv in rs for r in lv) else 0
 
 
+def save_record(out: Path, record: dict) -> None:
+    """``record`` as ``out``/results.json."""
+    (out / "results.json").write_text(json.dumps(record, indent=2))
+
+
 def write_outputs(out: Path, args: argparse.Namespace, record: dict,
                   runs: dict[str, list[list[LoadResult]]], baseline: str) -> str:
     """results.json, report.md and the plots; returns the report."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(record, indent=2))
+    save_record(out, record)
     workload = record["workloads"][0]
     loads = {label: [run[i]["load_before"] for run in entry["runs"] for i in range(len(run))]
              for label, entry in record["servers"].items()}
