@@ -26,7 +26,9 @@
 #                                   reports thrashing caches in STEP.err)
 #         gpus-N                    bench llm, ours alone: N replicas of one GPU each, 8B bf16,
 #                                   32-256 streams (the multi-GPU scaling run; GPUS_LEVELS and
-#                                   GPUS_REPEATS override the levels and the repeats)
+#                                   GPUS_REPEATS override the levels and the repeats, GPUS_ARGS
+#                                   adds bench llm flags, e.g. "--deployment
+#                                   max_ongoing_requests=136")
 #         canary-gpus               the canary rollback drill, stable and canary on a GPU each
 #         process-SIZE              engine in-process vs in a child process, no Ray
 #         prefix-SIZE               the engine's prefix cache off and on, in-process, chat
@@ -90,7 +92,7 @@ for step in "$@"; do
       path=$(model 8b)
       "$py" -m mlx_serving.deployments.cli bench llm --compare --servers ours --model-path "$path" \
         --replicas "$n" --gpus-per-replica 1 --concurrency ${GPUS_LEVELS:-32 64 128 256} \
-        --repeats "${GPUS_REPEATS:-1}" --max-batch-size 128 \
+        --repeats "${GPUS_REPEATS:-1}" --max-batch-size 128 ${GPUS_ARGS:-} \
         --engine prefill_batch_size=16 --no-progress --no-plots --out "$out/$step" \
         --title "$step" | tail -n 20 ;;
     canary-gpus)

@@ -212,6 +212,7 @@ def server_options(args: argparse.Namespace, model: str) -> ServerOptions:
     return ServerOptions(model_path=model, max_batch_size=args.max_batch_size,
                          replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
                          engine={k: yaml.safe_load(v) for k, v in args.engine},
+                         deployment={k: yaml.safe_load(v) for k, v in args.deployment},
                          mlx_lm_args=tuple(args.mlx_lm_arg),
                          max_concurrency=max(args.concurrency))
 

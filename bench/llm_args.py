@@ -68,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--gpus-per-replica", type=float, help="num_gpus of each of our replicas")
     m.add_argument("--engine", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="one of our engine settings (YAML value), e.g. prefill_batch_size=16")
+    m.add_argument("--deployment", type=_key_value, action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="Serve deployment option of our LLMServer replicas, applied last "
+                        "(e.g. max_ongoing_requests=132; values are YAML); repeatable")
     m.add_argument("--mlx-lm-arg", action="append", default=[], metavar="ARG",
                    help="extra mlx_lm.server argument, e.g. --mlx-lm-arg=--prompt-concurrency=16")
     m.add_argument("--eos-logit-bias", nargs="+", default=[], metavar="SERVER",

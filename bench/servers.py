@@ -54,7 +54,8 @@ class ServerOptions:
     """How the started servers are configured (the same model and batch size for all).
 
     ``replicas`` and ``gpus_per_replica`` apply to ours (LLMServer replicas, each with
-    that many GPUs in ``ray_actor_options``); ``engine`` overrides our engine settings
+    that many GPUs in ``ray_actor_options``); ``engine`` overrides our engine settings,
+    ``deployment`` our replicas' Serve deployment options (after every other setting),
     and ``mlx_lm_args`` are extra command-line arguments for mlx_lm.server.
     ``max_concurrency`` is the most requests the sweep keeps in flight: our queue bounds
     are raised to hold them all and the QoS monitor only alerts, so that a level beyond
@@ -66,6 +67,7 @@ class ServerOptions:
     replicas: int = 1
     gpus_per_replica: float | None = None
     engine: dict = field(default_factory=dict)
+    deployment: dict = field(default_factory=dict)
     mlx_lm_args: tuple[str, ...] = ()
     startup_timeout_s: float = 600.0
     max_concurrency: int | None = None
@@ -160,6 +162,7 @@ def our_config(options: ServerOptions) -> dict:
     args["router"]["num_replicas"] = max(args["router"].get("num_replicas", 1), options.replicas)
     if options.max_concurrency:
         _hold_the_sweep(args, options.max_concurrency)
+    deployment.update(options.deployment)
     return config
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from mlx_serving.bench import llm
 from mlx_serving.bench.crosscheck import load_result, scenario
-from mlx_serving.bench.llm import replica_shares
+from mlx_serving.bench.llm import replica_shares, server_options
 from mlx_serving.bench.llm import main as bench_main
 from mlx_serving.bench.loadgen import (LoadResult, RequestSpec, Usage, Workload, arrival_times,
                                        run_load)
@@ -242,6 +242,16 @@ def test_our_config_holds_a_sweep_beyond_the_batch(tiny_model_path):
     assert Action.ROLLBACK_CANARY in config.qos.actions[Slo.ERROR_RATE]  # untouched
     shipped = our_config(ServerOptions(str(tiny_model_path)))["applications"][0]["args"]
     assert AppConfig.model_validate(shipped).qos.actions[Slo.TTFT_P95] != [Action.ALERT]
+
+
+def test_deployment_options_given_apply_after_the_sweep_bounds(tiny_model_path):
+    """--deployment max_ongoing_requests=132 caps each replica below the sweep's 256."""
+    args = build_parser().parse_args(["bench", "llm", "--compare", "--deployment",
+                                      "max_ongoing_requests=132", "--concurrency", "256"])
+    options = server_options(args, str(tiny_model_path))
+    stable = our_config(options)["applications"][0]["args"]["variants"]["stable"]
+    assert stable["deployment"]["max_ongoing_requests"] == 132
+    assert stable["engine"]["max_waiting_requests"] == 256
 
 
 def test_cli_dispatches_bench_llm():
