@@ -29,6 +29,7 @@
 #                                   GPUS_REPEATS override the levels and the repeats, GPUS_ARGS
 #                                   adds bench llm flags, e.g. "--deployment
 #                                   max_ongoing_requests=136")
+#         gpus-fresh-N              gpus-N with the Routers on FreshQueueLengthRouter
 #         canary-gpus               the canary rollback drill, stable and canary on a GPU each
 #         process-SIZE              engine in-process vs in a child process, no Ray
 #         prefix-SIZE               the engine's prefix cache off and on, in-process, chat
@@ -88,11 +89,13 @@ for step in "$@"; do
         --requests-per-stream "${SERVE_REQUESTS:-16}" "${flags[@]}" ${SERVE_ARGS:-} \
         --json "$out/$step.json" 2> >(tee "$out/$step.err" >&2) | tee "$out/$step.md" ;;
     gpus-*)
-      n=${step#gpus-}
+      n=${step#gpus-}; flags=()
+      [[ $n == fresh-* ]] && { n=${n#fresh-}; flags+=(--deployment "request_router_config=\
+{request_router_class: mlx_serving.deployments.replica_routing:FreshQueueLengthRouter}"); }
       path=$(model 8b)
       "$py" -m mlx_serving.deployments.cli bench llm --compare --servers ours --model-path "$path" \
         --replicas "$n" --gpus-per-replica 1 --concurrency ${GPUS_LEVELS:-32 64 128 256} \
-        --repeats "${GPUS_REPEATS:-1}" --max-batch-size 128 ${GPUS_ARGS:-} \
+        --repeats "${GPUS_REPEATS:-1}" --max-batch-size 128 "${flags[@]}" ${GPUS_ARGS:-} \
         --engine prefill_batch_size=16 --no-progress --no-plots --out "$out/$step" \
         --title "$step" | tail -n 20 ;;
     canary-gpus)

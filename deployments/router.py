@@ -33,6 +33,7 @@ from mlx_serving.deployments.openai_format import (
 from mlx_serving.deployments.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
     TokenizeRequest, new_id)
+from mlx_serving.deployments.replica_routing import routing_views
 from mlx_serving.deployments.router_metrics import RouterMetrics
 from mlx_serving.deployments.settings import AppConfig
 from mlx_serving.deployments.telemetry import Reporter, replica_id, route_logs_to_serve
@@ -687,6 +688,19 @@ class Router:
         else:
             streams = await self._telemetry.streams.remote()
         return JSONResponse({"streams": streams, "count": len(streams)})
+
+    @app.get("/admin/routing")
+    async def admin_routing(self, request: Request) -> Response:
+        """How this Router sees each variant's replicas: the queue length its request router
+        holds for each (null for a variant on Serve's default router, which keeps no view)."""
+        try:
+            self._check_operator(request)
+        except HTTPError as err:
+            return error_response(err)
+        views = routing_views()
+        return JSONResponse({"router": self._replica, "variants": {
+            variant: views.get(handle.deployment_name)
+            for variant, handle in self._servers.items()}})
 
     # -- canary rollouts (operators) ----------------------------------------------------------------
     async def _admin(self, request: Request, method: str, *args, **kwargs) -> Response:

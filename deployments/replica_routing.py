@@ -1,0 +1,98 @@
+"""How each Router picks an LLMServer replica: Serve's two choices on fresh queue lengths.
+
+Serve's request router (two random replicas, the one with the shorter queue) reads queue
+lengths from a cache in each caller. A caller counts what it sends and what it sees finish,
+and learns of other callers' requests only from a replica's answer when it sends there; an
+entry lives 10 s. With several Routers, a replica that a Router has not picked lately keeps
+the count it had then while its requests finish, so every Router passes it over: on 2 and 4
+H200s one replica held 139 streams while another held 81 (docs/BENCHMARKS.md, run 17).
+Trusting entries for less time makes the Routers ask the replicas before they route, and
+requests then wait on the busiest replicas' answers (run 17 saw 503s).
+
+``FreshQueueLengthRouter`` keeps Serve's routing and its cache, and asks every replica for its
+queue length in the background, every ``refresh_interval_s``: a Router's view then lags the
+truth by one interval at most, and routing never waits for an answer. Select it per variant
+in cluster.yaml::
+
+    deployment:
+      request_router_config:
+        request_router_class: mlx_serving.deployments.replica_routing:FreshQueueLengthRouter
+        request_router_kwargs: {refresh_interval_s: 0.1}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.request_router import RunningReplica
+
+log = logging.getLogger("ray.serve")
+
+ROUTER_CLASS = "mlx_serving.deployments.replica_routing:FreshQueueLengthRouter"
+
+# The routers of this process (one per calling handle and deployment), for routing_views().
+_LIVE: weakref.WeakSet[FreshQueueLengthRouter] = weakref.WeakSet()
+
+
+def routing_views() -> dict[str, dict]:
+    """What each ``FreshQueueLengthRouter`` of this process holds, by deployment name:
+    every replica's cached queue length (None: none cached) and the refreshes done."""
+    return {router.deployment_name: router.view() for router in list(_LIVE)}
+
+
+class FreshQueueLengthRouter(PowerOfTwoChoicesRequestRouter):
+    """Serve's power-of-two-choices router whose queue lengths are refreshed in the
+    background. Serve builds one per caller and deployment (in each Router replica)."""
+
+    def initialize_state(self, refresh_interval_s: float = 0.1, **kwargs) -> None:
+        """``refresh_interval_s``: seconds between two rounds of asking every replica."""
+        super().initialize_state(**kwargs)
+        if refresh_interval_s <= 0:
+            raise ValueError(f"refresh_interval_s must be > 0, not {refresh_interval_s}")
+        self.refresh_interval_s = refresh_interval_s
+        self.refreshes = 0  # rounds done
+        self._refresher: asyncio.Task | None = None
+        # Serve ships this class to its callers pickled, possibly by value, with a copy of
+        # this module's globals: register with the module the caller's process imports.
+        from mlx_serving.deployments import replica_routing
+        replica_routing._LIVE.add(self)
+
+    @property
+    def deployment_name(self) -> str:
+        return self._deployment_id.name
+
+    def view(self) -> dict:
+        """This router's cached queue length of every replica, and its refreshes so far."""
+        cache = self._replica_queue_len_cache
+        return {"refresh_interval_s": self.refresh_interval_s, "refreshes": self.refreshes,
+                "queue_lengths": {rid.unique_id: cache.get(rid) for rid in self.curr_replicas}}
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)  # runs on the router's event loop
+        if self._refresher is None and replicas:
+            self._refresher = self._event_loop.create_task(self._refresh_forever())
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # never let the refresher die: routing would go stale again
+                log.exception("refreshing the replicas' queue lengths failed")
+
+    async def refresh(self) -> None:
+        """Ask every replica for its queue length (concurrently) and cache the answers; a
+        replica that does not answer within the interval keeps its entry."""
+        replicas = list(self.curr_replicas.values())
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(r.get_queue_len(deadline_s=self.refresh_interval_s),
+                               self.refresh_interval_s) for r in replicas),
+            return_exceptions=True)
+        current = self.curr_replicas
+        for replica, answer in zip(replicas, answers):
+            if isinstance(answer, int) and replica.replica_id in current:
+                self.on_new_queue_len_info(replica.replica_id, answer)
+        self.refreshes += 1

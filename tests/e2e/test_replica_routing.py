@@ -1,0 +1,89 @@
+"""Routers that keep every LLMServer replica's queue length fresh (``FreshQueueLengthRouter``).
+
+An application of its own beside the shared one: two Routers and two stable replicas whose
+handles route with ``FreshQueueLengthRouter``. Serve's default router learns a replica's queue
+length only when its caller sends there, and counts only its own requests finishing: after a
+burst, each Router's cache still held 27-32 requests for replicas that had none (run 17 of
+docs/BENCHMARKS.md), and Routers then passed those replicas over. With the background refresh,
+every Router's view follows the replicas: it comes back to zero once the burst is over.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import pytest
+from serve_fixtures import side_app_config
+from support import wait_until
+
+from mlx_serving.deployments.replica_routing import ROUTER_CLASS
+
+APP = "fresh-routing"
+PREFIX = "/fresh-routing"
+REFRESH_S = 0.1
+
+
+@pytest.fixture(scope="module")
+def url(serve_app, tmp_path_factory):
+    stable = {"deployment": {
+        "num_replicas": 2, "max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0},
+        "request_router_config": {"request_router_class": ROUTER_CLASS,
+                                  "request_router_kwargs": {"refresh_interval_s": REFRESH_S}}}}
+    config = side_app_config(serve_app.config, APP, PREFIX,
+                             tmp_path_factory.mktemp("fresh-routing-canary"), stable=stable,
+                             router={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0}})
+    with serve_app.beside(config) as url:
+        yield url
+
+
+def _stream(url: str, api_key: str, i: int) -> int:
+    body = {"model": "demo", "messages": [{"role": "user", "content": f"story {i}"}],
+            "max_tokens": 24, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {api_key}"}) as r:
+        r.read()
+        return r.status_code
+
+
+def _views(serve_app, url: str, seen: dict) -> dict:
+    """Ask /admin/routing a few times (it answers from whichever Router takes the call);
+    ``seen`` keeps each Router's latest view of the stable variant."""
+    for _ in range(6):
+        r = httpx.get(f"{url}/admin/routing", timeout=10,
+                      headers={"Authorization": f"Bearer {serve_app.operator_token}"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if body["variants"]["stable"] is not None:
+            seen[body["router"]] = body["variants"]["stable"]
+    return seen
+
+
+def test_every_routers_view_follows_the_replicas_after_a_burst(serve_app, url):
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda i: _stream(url, serve_app.api_key, i), range(36)))
+    assert codes == [200] * 36
+
+    seen: dict = {}
+
+    def settled() -> bool:
+        # both Routers took part of the burst, so both built a router for the stable
+        # variant; each refreshes both replicas and, with nothing in flight, holds 0 for each
+        views = _views(serve_app, url, seen)
+        return len(views) == 2 and all(len(v["queue_lengths"]) == 2
+                                       and set(v["queue_lengths"].values()) == {0}
+                                       for v in views.values())
+
+    try:
+        wait_until(settled, timeout=30, interval=0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"the Routers' views did not settle at 0: {seen}") from exc
+    assert all(v["refresh_interval_s"] == REFRESH_S and v["refreshes"] > 0
+               for v in seen.values()), seen
+
+
+def test_the_routing_view_is_for_operators(serve_app, url):
+    r = httpx.get(f"{url}/admin/routing", timeout=10,
+                  headers={"Authorization": f"Bearer {serve_app.api_key}"})
+    assert r.status_code in (401, 403), r.text
+    assert r.json()["error"]["type"]
