@@ -262,6 +262,14 @@ class Router:
             raise HTTPError(401, "missing or invalid API key (Authorization: Bearer ...)",
                             type="authentication_error", code="invalid_api_key")
 
+    def _refusal(self, request: Request) -> Response | None:
+        """The error response for a request without the operator token; None with it."""
+        try:
+            self._check_operator(request)
+        except HTTPError as err:
+            return error_response(err)
+        return None
+
     def _check_operator(self, request: Request) -> None:
         if self._operator_token is None:
             raise HTTPError(403, "the admin API is disabled: no operator token is configured",
@@ -679,10 +687,8 @@ class Router:
 
     @app.get("/admin/streams")
     async def admin_streams(self, request: Request) -> Response:
-        try:
-            self._check_operator(request)
-        except HTTPError as err:
-            return error_response(err)
+        if (refused := self._refusal(request)) is not None:
+            return refused
         if self._telemetry is None:
             streams = self._stream_views()
         else:
@@ -693,10 +699,8 @@ class Router:
     async def admin_routing(self, request: Request) -> Response:
         """How this Router sees each variant's replicas: the queue length its request router
         holds for each (null for a variant on Serve's default router, which keeps no view)."""
-        try:
-            self._check_operator(request)
-        except HTTPError as err:
-            return error_response(err)
+        if (refused := self._refusal(request)) is not None:
+            return refused
         views = routing_views()
         return JSONResponse({"router": self._replica, "variants": {
             variant: views.get(handle.deployment_name)
@@ -705,10 +709,8 @@ class Router:
     # -- canary rollouts (operators) ----------------------------------------------------------------
     async def _admin(self, request: Request, method: str, *args, **kwargs) -> Response:
         """Check the operator token, then run a command on the RolloutController."""
-        try:
-            self._check_operator(request)
-        except HTTPError as err:
-            return error_response(err)
+        if (refused := self._refusal(request)) is not None:
+            return refused
         return await self._admin_call(method, *args, **kwargs)
 
     async def _admin_call(self, method: str, *args, **kwargs) -> Response:
