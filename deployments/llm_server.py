@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ray import serve
 
+from mlx_serving.deployments.replica_routing import ROUTER_CLASS
 from mlx_serving.deployments.settings import ServerSettings
 from mlx_serving.deployments.telemetry import Reporter, replica_id, route_logs_to_serve
 from mlx_serving.deployments.wire import Chunk, TokenInfo
@@ -44,6 +45,9 @@ class InjectedFaultError(EngineError):
     graceful_shutdown_wait_loop_s=1,
     graceful_shutdown_timeout_s=30,
     ray_actor_options={"num_cpus": 0.5},
+    # Each Router picks a replica on queue lengths it refreshes every 0.1 s, not Serve's
+    # per-caller cache (replica_routing.py says why; docs/BENCHMARKS.md, run 18).
+    request_router_config={"request_router_class": ROUTER_CLASS},
 )
 class LLMServer:
     """Serves one variant's models from one Engine; streams coalesced chunks to the Router."""

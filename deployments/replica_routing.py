@@ -11,13 +11,19 @@ requests then wait on the busiest replicas' answers (run 17 saw 503s).
 
 ``FreshQueueLengthRouter`` keeps Serve's routing and its cache, and asks every replica for its
 queue length in the background, every ``refresh_interval_s``: a Router's view then lags the
-truth by one interval at most, and routing never waits for an answer. Select it per variant
-in cluster.yaml::
+truth by one interval at most, and routing never waits for an answer. On 2 and 4 H100s it
+raised throughput by 27% and 17% and took the 503s from 84 and 115 to 0 and 5 (run 18).
+
+Every LLMServer deployment uses it (0.1 s) unless its variant's ``deployment`` in cluster.yaml
+names another::
 
     deployment:
       request_router_config:
         request_router_class: mlx_serving.deployments.replica_routing:FreshQueueLengthRouter
-        request_router_kwargs: {refresh_interval_s: 0.1}
+        request_router_kwargs: {refresh_interval_s: 0.25}
+
+Each round costs one small call per replica from each Router (Routers x replicas calls per
+interval).
 """
 
 from __future__ import annotations

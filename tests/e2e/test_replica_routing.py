@@ -87,3 +87,12 @@ def test_the_routing_view_is_for_operators(serve_app, url):
                   headers={"Authorization": f"Bearer {serve_app.api_key}"})
     assert r.status_code in (401, 403), r.text
     assert r.json()["error"]["type"]
+
+
+def test_every_variant_routes_on_fresh_queue_lengths_unless_it_says_otherwise(serve_app):
+    # the shared application's cluster config names no request router
+    assert _stream(serve_app.url, serve_app.api_key, 0) == 200
+    seen: dict = {}
+    wait_until(lambda: _views(serve_app, serve_app.url, seen), timeout=30, interval=0.2)
+    view = next(iter(seen.values()))
+    assert view["refresh_interval_s"] == REFRESH_S and len(view["queue_lengths"]) >= 1, view
