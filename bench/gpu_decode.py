@@ -1,0 +1,143 @@
+"""Raw decode rate on several GPUs of one host at once: do the GPUs, or busy CPUs, slow a
+decode loop down?
+
+Each group runs one process per GPU (``CUDA_VISIBLE_DEVICES``), every process driving mlx-lm's
+``BatchGenerator`` over ``--batch`` sequences; once all have loaded the model, they decode
+together for ``--window`` seconds and report their decode steps per second and their CPU
+seconds per second (a step is host work on one core: building the graph and launching its
+kernels, so a loop near 1.0 is bound by its core). ``--cpu-load K`` adds a run of each group beside K processes spinning on a core
+each, as a serving stack's Routers, proxy and load client would. No Ray, no engine.
+
+    python -m mlx_serving.bench.gpu_decode --model PATH --groups 0 0,1 0,1,2,3 --cpu-load 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class DecodeRate:
+    """One process's decode over the window: steps/s, and its CPU seconds per wall second."""
+
+    group: str
+    gpu: str
+    cpu_load: int
+    steps_s: float
+    cpu_per_wall: float
+
+
+def decode(model_path: str, batch: int, window_s: float) -> None:
+    """Child: load, warm up, print ``ready``, wait for a line on stdin, decode ``batch``
+    sequences for ``window_s`` and print the rate as JSON (steps count once every sequence
+    decodes, after the prefill)."""
+    from mlx_lm import load
+    from mlx_lm.generate import BatchGenerator
+
+    model, _ = load(model_path)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(10, model.args.vocab_size - 10) for _ in range(128)]
+               for _ in range(batch)]
+
+    def generator():
+        gen = BatchGenerator(model, completion_batch_size=batch, prefill_batch_size=16)
+        gen.insert(prompts, max_tokens=[10**6] * batch)
+        return gen
+
+    warm = generator()
+    for _ in range(40):
+        warm.next_generated()
+    warm.close()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    gen, end = generator(), time.perf_counter() + window_s
+    steps, started, cpu0 = 0, None, 0.0
+    while time.perf_counter() < end:
+        if len(gen.next_generated()) == batch:
+            if started is None:
+                started, cpu0 = time.perf_counter(), time.process_time()
+            else:
+                steps += 1
+    wall = time.perf_counter() - started
+    print(json.dumps({"steps_s": steps / wall,
+                      "cpu_per_wall": (time.process_time() - cpu0) / wall}), flush=True)
+
+
+def _spin(stop) -> None:
+    while not stop.is_set():
+        sum(range(10_000))
+
+
+def run_group(args: argparse.Namespace, gpus: list[str], cpu_load: int) -> list[DecodeRate]:
+    """One process per GPU of the group, decoding at the same time, beside ``cpu_load``
+    spinning processes."""
+    children = [subprocess.Popen(
+        [sys.executable, "-m", "mlx_serving.bench.gpu_decode", "--child", "--model", args.model,
+         "--batch", str(args.batch), "--window", str(args.window)],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True) for gpu in gpus]
+    stop = multiprocessing.Event()
+    spinners = [multiprocessing.Process(target=_spin, args=(stop,), daemon=True)
+                for _ in range(cpu_load)]
+    try:
+        for child in children:
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a decode process failed to start (exit {child.wait()})")
+        for s in spinners:
+            s.start()
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        answers = [json.loads(child.stdout.readline()) for child in children]
+    finally:
+        stop.set()
+        for child in children:
+            child.kill()
+            child.wait()
+        for s in spinners:
+            s.join(5)
+    group = ",".join(gpus)
+    return [DecodeRate(group, gpu, cpu_load, round(a["steps_s"], 2),
+                       round(a["cpu_per_wall"], 2)) for gpu, a in zip(gpus, answers)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--groups", nargs="+", default=["0"],
+                   help="GPU groups run in turn, e.g. 0 0,1 0,1,2,3")
+    p.add_argument("--batch", type=int, default=128, help="sequences each process decodes")
+    p.add_argument("--window", type=float, default=20.0, help="seconds of decoding")
+    p.add_argument("--cpu-load", type=int, default=0,
+                   help="also run each group beside this many processes spinning on a core")
+    p.add_argument("--json", help="write the rates here")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        decode(args.model, args.batch, args.window)
+        return 0
+    rates = []
+    for loads in ([0, args.cpu_load] if args.cpu_load else [0]):
+        for group in args.groups:
+            rates += run_group(args, group.split(","), loads)
+            for r in rates[-len(group.split(",")):]:
+                print(f"GPUs {r.group:<10} beside {r.cpu_load:>3} busy CPUs: GPU {r.gpu} "
+                      f"{r.steps_s:6.2f} steps/s, process CPU per second {r.cpu_per_wall:.2f}",
+                      flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "batch": args.batch, "window_s": args.window,
+                       "cpus": os.cpu_count(), "rates": [asdict(r) for r in rates]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

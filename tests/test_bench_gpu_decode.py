@@ -1,0 +1,21 @@
+"""bench.gpu_decode: decode rates of processes decoding at once, alone and beside busy CPUs,
+on the tiny model (on a CPU box every "GPU" process shares the CPU backend)."""
+
+from __future__ import annotations
+
+import json
+
+from mlx_serving.bench.gpu_decode import main
+
+
+def test_each_group_reports_every_process_rate_alone_and_beside_busy_cpus(tiny_model_path,
+                                                                          tmp_path, capsys):
+    out = tmp_path / "rates.json"
+    assert main(["--model", str(tiny_model_path), "--groups", "0", "0,1", "--batch", "4",
+                 "--window", "1", "--cpu-load", "1", "--json", str(out)]) == 0
+    rates = json.loads(out.read_text())["rates"]
+    assert [(r["group"], r["gpu"], r["cpu_load"]) for r in rates] == [
+        ("0", "0", 0), ("0,1", "0", 0), ("0,1", "1", 0),
+        ("0", "0", 1), ("0,1", "0", 1), ("0,1", "1", 1)]
+    assert all(r["steps_s"] > 0 and 0 < r["cpu_per_wall"] < 4 for r in rates), rates
+    assert capsys.readouterr().out.count("steps/s") == 6
