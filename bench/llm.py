@@ -27,13 +27,14 @@ import yaml
 
 from mlx_serving.bench.loadgen import HttpTarget, LoadResult, Workload, run_load
 from mlx_serving.bench.report import (describe_environment, environment, load_average,
-                                      ratio_table)
+                                      median_run, ratio_table)
 from mlx_serving.bench.servers import (SERVER_NAMES, STARTERS, Endpoint, ServerOptions,
                                        eos_logit_bias)
 from mlx_serving.bench.workloads import SharedPrefixChat, ShareGPTLike
 
 DEMO_MODEL = "models/demo-small"
 QUIET_WAIT_S = 600
+CLIENT_BUSY = 0.9  # a client process's CPU share from which the client may be the limit
 
 
 @dataclass(frozen=True)
@@ -161,14 +162,47 @@ async def sweep_endpoint(endpoint: Endpoint, args: argparse.Namespace, levels: l
                         bar.set_postfix(failed=failed)
 
                 r = await run_load(target, workload, level.concurrency, probe, rate=level.rate,
-                                   on_done=done)
+                                   on_done=done, processes=args.client_processes)
             results.append(r)
             if on_level:
                 on_level(results)
             print(f"{endpoint.name} {label}: {r.output_tok_s:,.1f} tok/s, TTFT p50 "
                   f"{r.ttft_ms['p50'] or 0:,.0f} ms, {r.requests_ok} ok, {r.requests_failed} "
-                  f"failed, {r.requests_short} short; load before {loads[-1]}", file=sys.stderr)
+                  f"failed, {r.requests_short} short, {client_use(r)}; load before "
+                  f"{loads[-1]}", file=sys.stderr)
+            if warning := client_bound_warning(r):
+                print(warning, file=sys.stderr)
     return results
+
+
+def client_use(r: LoadResult) -> str:
+    """The load client's busiest process's CPU share over a level, and its processes."""
+    cpu = "-" if r.client_cpu is None else f"{r.client_cpu:.2f}"
+    return f"client cpu {cpu} ({r.client_processes} process{'es' * (r.client_processes > 1)})"
+
+
+def client_bound_warning(r: LoadResult) -> str | None:
+    """A warning when a client process was busy enough to limit the level, else None."""
+    if r.client_cpu is None or r.client_cpu < CLIENT_BUSY:
+        return None
+    more = f" (more than {r.client_processes})" if r.client_processes > 1 else ""
+    return (f"warning: the load client was busy {100 * r.client_cpu:.0f}% of the level: its "
+            f"numbers may be client-bound; use --client-processes{more}")
+
+
+def client_lines(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -> list[str]:
+    """A report line per server the load generator measured: at each level (median run),
+    its busiest client process's CPU share and how many processes sent the load."""
+    lines = []
+    for label, by_level in runs.items():
+        shown = [(level, median_run(rs)) for level, rs in zip(levels, by_level) if rs]
+        if all(r.client_cpu is None for _, r in shown):
+            continue  # not ours (GuideLLM)
+        lines.append(f"- load client, {label}: busiest process's CPU (1.0 = a core) and "
+                     "processes per level: " + ", ".join(
+                         f"{level} {'-' if r.client_cpu is None else f'{r.client_cpu:.2f}'} "
+                         f"({r.client_processes})" for level, r in shown))
+    return lines
 
 
 def crosscheck_endpoint(endpoint: Endpoint, args: argparse.Namespace, levels: list[Level],
@@ -369,6 +403,7 @@ def write_outputs(out: Path, args: argparse.Namespace, record: dict,
     workload = record["workloads"][0]
     loads = {label: [run[i]["load_before"] for run in entry["runs"] for i in range(len(run))]
              for label, entry in record["servers"].items()}
+    level_labels = [Level(**lv).label for lv in record["levels"]]
     lines = [f"# {args.title or 'mlx-serving bench llm'}", "",
              f"- machine: {describe_environment(record['environment'])}",
              f"- model: {record['model_path'] or args.model}",
@@ -382,8 +417,9 @@ def write_outputs(out: Path, args: argparse.Namespace, record: dict,
              *(f"- load average (1/5/15 min) before each level, {label}: "
                + ", ".join("/".join(f"{x:.1f}" for x in ld) if ld else "-" for ld in lds)
                for label, lds in loads.items()),
+             *client_lines(runs, level_labels),
              "", ratio_table(runs, baseline),
-             *replica_shares(runs, [Level(**lv).label for lv in record["levels"]])]
+             *replica_shares(runs, level_labels)]
     if not args.no_plots:
         from mlx_serving.bench.plots import plot_sweep
 

@@ -29,6 +29,13 @@ def _key_value(item: str) -> tuple[str, str]:
     return key, value
 
 
+def _positive(item: str) -> int:
+    value = int(item)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {item!r}")
+    return value
+
+
 def _endpoint(item: str) -> tuple[str, str, str]:
     parts = item.split("=")
     if len(parts) != 3 or not all(parts):
@@ -103,6 +110,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="closed-loop levels; with --rate, the cap on requests in flight")
     lo.add_argument("--rate", type=float, nargs="+",
                     help="open-loop levels instead: Poisson arrivals at these requests/s")
+    lo.add_argument("--client-processes", type=_positive, default=1, metavar="N",
+                    help="load client processes each level's streams are spread over (at "
+                         "most one per stream): one Python client saturates a core at "
+                         "roughly 15k streamed chunks/s, so use about one per 128 streams "
+                         "on a GPU host; each level reports its busiest client's CPU")
     lo.add_argument("--repeats", type=int, default=1,
                     help="sweeps of each server (rotating the server order); medians reported")
     lo.add_argument("--guidellm", metavar="PATH",

@@ -5,7 +5,9 @@ in ``mlx_serving.bench.workloads``) is driven by ``run_load`` against a ``Target
 OpenAI-compatible HTTP endpoint (``HttpTarget``) or an engine, in this process or a child
 one (``EngineTarget``), closed-loop at a fixed concurrency or open-loop at a fixed request
 rate. The result gives output tokens/s, requests/s and TTFT, inter-token and end-to-end
-latency percentiles::
+latency percentiles, and how busy the client was: one Python client saturates a core at
+roughly 15k streamed chunks/s, so ``run_load`` can spread an HTTP level over several client
+processes. From the command line::
 
     python -m mlx_serving.bench.loadgen --url http://127.0.0.1:8000 --model demo \\
         --concurrency 1 8 32 --requests 64 --prompt-tokens 128 --max-tokens 128
@@ -16,17 +18,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import random
+import signal
 import sys
 import time
+import traceback
 from collections import Counter
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import AsyncIterator, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Protocol
 
 import httpx
 import numpy as np
 
 from mlx_serving.engine import Engine, EngineProcess, GenerationRequest, SamplingParams
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
+    from multiprocessing.synchronize import Event as ProcessEvent
 
 # Common English words: each is one token (with its leading space) in most BPE vocabularies.
 _WORDS = """the of and to in is was for on that with as by at from his her they this had not
@@ -137,20 +148,39 @@ class RequestError(Exception):
         self.kind = kind
 
 
+@dataclass(frozen=True)
+class HttpTargetSpec:
+    """How to open an ``HttpTarget``: picklable, so a client process can open its own."""
+
+    base_url: str
+    model: str
+    api_key: str | None = None
+    max_connections: int = 256
+    timeout_s: float = 600.0
+    extra_body: dict = field(default_factory=dict)
+
+    def open(self) -> HttpTarget:
+        """A new ``HttpTarget`` (its own client and connections) to this server."""
+        return HttpTarget(self.base_url, self.model, self.api_key,
+                          max_connections=self.max_connections, timeout_s=self.timeout_s,
+                          extra_body=self.extra_body)
+
+
 class HttpTarget:
     """An OpenAI-compatible server, streamed over one keep-alive ``httpx.AsyncClient``.
 
     Use it within one event loop and close it with ``aclose`` (or ``async with``).
     ``max_connections`` should be at least the highest concurrency it is run at. Every
     body asks for greedy decoding and ``ignore_eos``; ``extra_body`` is merged into it
-    (e.g. a ``logit_bias`` against EOS for servers that ignore ``ignore_eos``).
+    (e.g. a ``logit_bias`` against EOS for servers that ignore ``ignore_eos``). ``spec``
+    says how to open another like it (``run_load`` does, in each client process).
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
                  max_connections: int = 256, timeout_s: float = 600.0,
                  extra_body: dict | None = None):
-        self.model = model
-        self.extra_body = dict(extra_body or {})
+        self.spec = HttpTargetSpec(base_url, model, api_key, max_connections, timeout_s,
+                                   dict(extra_body or {}))
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
@@ -171,9 +201,9 @@ class HttpTarget:
         """Yields 1 per content chunk, then the final ``Usage`` when the server sent one:
         only the total and the times of the first and last chunk are used, so how tokens
         spread over chunks does not matter."""
-        body = {"model": self.model, "max_tokens": spec.max_tokens, "temperature": 0,
+        body = {"model": self.spec.model, "max_tokens": spec.max_tokens, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
-                **self.extra_body}
+                **self.spec.extra_body}
         if spec.chat:
             path, body["messages"] = "/v1/chat/completions", spec.messages()
         else:
@@ -233,7 +263,8 @@ class EngineTarget:
 
 @dataclass
 class _Record:
-    """Timings (``time.perf_counter`` seconds) and token counts of one request."""
+    """Timings (``time.perf_counter`` seconds; once a part of a level is over, seconds from
+    its start) and token counts of one request."""
 
     start: float
     asked: int = 0  # max_tokens of the request
@@ -244,6 +275,13 @@ class _Record:
     prompt_tokens: int | None = None
     error: str | None = None
     error_detail: str = ""
+
+    def since(self, origin: float) -> _Record:
+        """This record with its times counted from ``origin``."""
+        def shift(t: float | None) -> float | None:
+            return None if t is None else t - origin
+        return replace(self, start=self.start - origin, first=shift(self.first),
+                       last=shift(self.last), end=shift(self.end))
 
 
 Done = Callable[[_Record], None]  # told of each request as it ends
@@ -296,9 +334,9 @@ def arrival_times(n: int, rate: float, seed: int) -> list[float]:
     return times
 
 
-async def _open_loop(target: Target, specs: list[RequestSpec], rate: float, max_concurrency: int,
-                     seed: int, done: Done | None = None) -> list[_Record]:
-    """Each request sent at its Poisson arrival time, at most ``max_concurrency`` in flight
+async def _open_loop(target: Target, timed: list[tuple[RequestSpec, float]],
+                     max_concurrency: int, done: Done | None = None) -> list[_Record]:
+    """Each request sent at its time (s from now), at most ``max_concurrency`` in flight
     (a request waiting for a slot is timed from its send, not from its arrival)."""
     slots = asyncio.Semaphore(max_concurrency)
     start = time.perf_counter()
@@ -308,8 +346,188 @@ async def _open_loop(target: Target, specs: list[RequestSpec], rate: float, max_
         async with slots:
             return await _measure(target, spec, done)
 
-    return list(await asyncio.gather(*(one(s, t) for s, t in
-                                       zip(specs, arrival_times(len(specs), rate, seed)))))
+    return list(await asyncio.gather(*(one(s, t) for s, t in timed)))
+
+
+@dataclass(frozen=True)
+class _Share:
+    """The measured requests of a level, or one client process's part of them: closed loop
+    at ``concurrency``, or, given ``times`` (each request's send time), open loop with at
+    most ``concurrency`` in flight."""
+
+    specs: list[RequestSpec]
+    concurrency: int
+    times: list[float] | None = None
+
+    def split(self, n: int) -> list[_Share]:
+        """``n`` shares (n <= concurrency): the concurrency's slots are dealt out in turn
+        (share k gets concurrency // n, one more if k < concurrency % n), and request i
+        goes to the share of slot i % concurrency, so each share's requests are in
+        proportion to its slots (request i goes to share i % n where n divides the
+        concurrency)."""
+        owner = [i % self.concurrency % n for i in range(len(self.specs))]
+        return [_Share([s for s, o in zip(self.specs, owner) if o == k],
+                       self.concurrency // n + (k < self.concurrency % n),
+                       None if self.times is None else
+                       [t for t, o in zip(self.times, owner) if o == k]) for k in range(n)]
+
+    async def drive(self, target: Target, done: Done | None = None) -> list[_Record]:
+        """Send every request of the share to ``target``."""
+        if self.times is None:
+            return await _closed_loop(target, self.specs, self.concurrency, done)
+        return await _open_loop(target, list(zip(self.specs, self.times)), self.concurrency,
+                                done)
+
+
+@dataclass
+class _Part:
+    """What one client drove: its records (times from its start), its wall time and the
+    CPU time its process used meanwhile (``time.process_time``: user + system)."""
+
+    records: list[_Record]
+    wall_s: float
+    cpu_s: float
+
+
+async def _run_share(target: Target, share: _Share, done: Done | None = None) -> _Part:
+    cpu, start = time.process_time(), time.perf_counter()
+    records = await share.drive(target, done)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return _Part([r.since(start) for r in records], wall, cpu)
+
+
+READY_TIMEOUT_S = 120.0  # for client processes to start (imports) and open their targets
+_POLL_S = 0.01
+
+
+def _client_process(spec: HttpTargetSpec, share: _Share, conn: Connection,
+                    go: ProcessEvent) -> None:
+    """A spawned client process: sends ("ready",) once its target is open, waits for
+    ``go``, drives its share sending ("done", ok) as each request ends, then ("result",
+    its ``_Part``); or ("error", the traceback), exiting with code 1."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops us
+    try:
+        conn.send(("result", asyncio.run(_client_main(spec, share, conn, go))))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+        sys.exit(1)
+
+
+async def _client_main(spec: HttpTargetSpec, share: _Share, conn: Connection,
+                       go: ProcessEvent) -> _Part:
+    async with spec.open() as target:
+        conn.send(("ready",))
+        parent = multiprocessing.parent_process()
+        while not go.wait(1.0):  # blocks this loop, which has nothing else to run yet
+            if parent is not None and not parent.is_alive():
+                raise RuntimeError("the parent process is gone")
+        return await _run_share(target, share, lambda r: conn.send(("done", r.error is None)))
+
+
+class _ClientProcesses:
+    """One spawned client process per share of a level, each with its own target opened
+    from ``spec``; their messages come back over a pipe each, read by polling from the
+    caller's event loop (so ``on_done`` runs there)."""
+
+    def __init__(self, spec: HttpTargetSpec, shares: list[_Share]):
+        self._spec, self._shares = spec, shares
+        self._ctx = multiprocessing.get_context("spawn")  # fork is unsafe with threads (MLX)
+        self._go = self._ctx.Event()
+        self._procs: list[BaseProcess] = []
+        self._conns: list[Connection] = []
+        self._ready: set[int] = set()
+        self._parts: dict[int, _Part] = {}
+        self._on_done: Callable[[bool], None] | None = None
+
+    def start(self) -> None:
+        """Start every process."""
+        for k, share in enumerate(self._shares):
+            reader, writer = self._ctx.Pipe(duplex=False)
+            proc = self._ctx.Process(target=_client_process, name=f"loadgen-client-{k}",
+                                     args=(self._spec, share, writer, self._go), daemon=True)
+            try:
+                proc.start()
+            finally:
+                writer.close()  # the child's end: once the child is gone, ours reads EOF
+            self._procs.append(proc)
+            self._conns.append(reader)
+
+    async def wait_ready(self) -> None:
+        """Until every process has its target open (``READY_TIMEOUT_S`` at most)."""
+        await self._pump(lambda k: k in self._ready, time.monotonic() + READY_TIMEOUT_S)
+
+    async def run(self, on_done: Callable[[bool], None] | None) -> list[_Part]:
+        """Start the level in every process at once; their parts once all have ended."""
+        self._on_done = on_done
+        self._go.set()
+        await self._pump(lambda k: k in self._parts)
+        return [self._parts[k] for k in range(len(self._procs))]
+
+    def close(self) -> None:
+        """Stop the processes still running and join them all."""
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self._procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self._conns:
+            conn.close()
+
+    async def _pump(self, finished: Callable[[int], bool], deadline: float | None = None
+                    ) -> None:
+        """Handle the processes' messages until each one is ``finished``; raises if one
+        dies first, or if the ``deadline`` (``time.monotonic``) passes."""
+        while True:
+            for k, proc in enumerate(self._procs):
+                gone = not proc.is_alive()  # before reading: all it ever sent is readable
+                self._read(k)
+                if gone and not finished(k):
+                    raise self._failure(k)
+            if all(finished(k) for k in range(len(self._procs))):
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"load client processes not ready in {READY_TIMEOUT_S:g} s")
+            await asyncio.sleep(_POLL_S)
+
+    def _read(self, k: int) -> None:
+        conn = self._conns[k]
+        try:
+            while conn.poll():
+                kind, *rest = conn.recv()
+                if kind == "ready":
+                    self._ready.add(k)
+                elif kind == "done":
+                    if self._on_done:
+                        self._on_done(rest[0])
+                elif kind == "result":
+                    self._parts[k] = rest[0]
+                else:
+                    raise self._failure(k, rest[0])
+        except EOFError:
+            pass  # the process has exited; _pump sees it gone
+
+    def _failure(self, k: int, detail: str = "") -> RuntimeError:
+        proc = self._procs[k]
+        proc.join(10)
+        return RuntimeError(f"load client process {k} (of {len(self._procs)}) failed, exit "
+                            f"code {proc.exitcode}" + (f":\n{detail}" if detail else ""))
+
+
+@asynccontextmanager
+async def _client_processes(spec: HttpTargetSpec, shares: list[_Share]
+                            ) -> AsyncIterator[_ClientProcesses]:
+    """Started client processes, ready to run; stopped and joined on the way out, however
+    it is left (a failure, a cancellation, Ctrl-C)."""
+    clients = _ClientProcesses(spec, shares)
+    try:
+        clients.start()
+        await clients.wait_ready()
+        yield clients
+    finally:
+        clients.close()
 
 
 def _stats_ms(seconds: list[float], keys: tuple[str, ...]) -> dict[str, float | None]:
@@ -333,6 +551,9 @@ class LoadResult:
     error kind. ``requests_short`` counts successful responses
     with fewer tokens than asked (an EOS the server did not ignore): a fair comparison
     has none. ``input_tokens`` totals the prompt tokens servers reported (None if none did).
+    ``client_processes`` is how many processes sent the requests and ``client_cpu`` the
+    busiest one's CPU time over its wall time (1.0: a core saturated, so the numbers may
+    be the client's limit, not the server's; None: not measured).
     """
 
     concurrency: int
@@ -351,10 +572,13 @@ class LoadResult:
     requests_short: int = 0
     input_tokens: int | None = None
     error_examples: dict[str, str] = field(default_factory=dict)  # the first of each kind
+    client_processes: int = 1
+    client_cpu: float | None = None
 
     @classmethod
     def from_records(cls, concurrency: int, records: list[_Record], duration_s: float,
-                     rate: float | None = None) -> LoadResult:
+                     rate: float | None = None, *, client_processes: int = 1,
+                     client_cpu: float | None = None) -> LoadResult:
         ok = [r for r in records if r.error is None]
         tokens = sum(r.tokens for r in ok)
         prompts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
@@ -369,7 +593,9 @@ class LoadResult:
             e2e_ms=_stats_ms([r.end - r.start for r in ok], ("p50", "p90", "p99")),
             rate=rate, requests_short=sum(r.tokens < r.asked for r in ok),
             input_tokens=sum(prompts) if prompts else None,
-            error_examples={r.error: r.error_detail for r in reversed(records) if r.error})
+            error_examples={r.error: r.error_detail for r in reversed(records) if r.error},
+            client_processes=client_processes,
+            client_cpu=None if client_cpu is None else round(client_cpu, 3))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -380,28 +606,47 @@ Probe = Callable[[], Awaitable[dict[str, float]]]
 
 async def run_load(target: Target, workload: WorkloadLike, concurrency: int,
                    probe: Probe | None = None, *, rate: float | None = None,
-                   on_done: Callable[[bool], None] | None = None) -> LoadResult:
+                   on_done: Callable[[bool], None] | None = None,
+                   processes: int = 1) -> LoadResult:
     """Run the workload closed-loop: ``concurrency`` workers each send their next request
     as soon as their last one ends; or, with ``rate``, open-loop: requests arrive as a
     Poisson process of ``rate`` per second (seeded by the workload), at most
     ``concurrency`` in flight. Warm-up requests go first, closed-loop at ``concurrency``,
     and are left out of the result.
 
+    One Python client saturates a core at roughly 15k streamed chunks/s (the result's
+    ``client_cpu`` shows it); ``processes`` > 1 spreads the measured requests over that
+    many spawned client processes (at most one per request in flight), each with its own
+    ``HttpTarget`` opened from ``target.spec`` (so ``target`` must be one). Each gets an
+    even share of the concurrency and of the requests (request i goes to process i % n
+    where n divides the concurrency) and runs them closed-loop, or open-loop at their
+    arrival times with its share as its cap. The warm-up stays in this process; the
+    processes start after it, and the level (and the probe's window) once all are ready.
+
     ``probe`` reads counters of the system under load (engine steps, tokens, ...); it is
     read before and after the measured requests and the result keeps the differences.
     ``on_done`` is called as each measured request ends, with whether it succeeded
-    (a progress bar).
+    (a progress bar), in this process and its event loop whatever ``processes`` is.
     """
+    if processes > 1 and not isinstance(target, HttpTarget):
+        raise ValueError(f"processes={processes} needs an HttpTarget (each client process "
+                         f"opens its own from its spec), not a {type(target).__name__}")
     warmup, measured = workload.specs()
     await _closed_loop(target, warmup, concurrency)
-    done = (lambda r: on_done(r.error is None)) if on_done else None
-    before = await probe() if probe else None
-    start = time.perf_counter()
-    if rate is None:
-        records = await _closed_loop(target, measured, concurrency, done)
+    times = None if rate is None else arrival_times(len(measured), rate, workload.seed)
+    share = _Share(measured, concurrency, times)
+    n = max(1, min(processes, concurrency, len(measured)))
+    if n == 1:
+        before = await probe() if probe else None
+        parts = [await _run_share(target, share,
+                                  (lambda r: on_done(r.error is None)) if on_done else None)]
     else:
-        records = await _open_loop(target, measured, rate, concurrency, workload.seed, done)
-    result = LoadResult.from_records(concurrency, records, time.perf_counter() - start, rate)
+        async with _client_processes(target.spec, share.split(n)) as clients:
+            before = await probe() if probe else None
+            parts = await clients.run(on_done)
+    result = LoadResult.from_records(
+        concurrency, [r for p in parts for r in p.records], max(p.wall_s for p in parts), rate,
+        client_processes=n, client_cpu=max(p.cpu_s / p.wall_s for p in parts))
     if probe:
         after = await probe()
         result.counters = {k: after[k] - before.get(k, 0) for k in after}

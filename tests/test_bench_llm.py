@@ -13,7 +13,8 @@ import pytest
 
 from mlx_serving.bench import llm
 from mlx_serving.bench.crosscheck import load_result, scenario
-from mlx_serving.bench.llm import replica_shares, server_options
+from mlx_serving.bench.llm import (client_bound_warning, client_lines, client_use,
+                                   replica_shares, server_options)
 from mlx_serving.bench.llm import main as bench_main
 from mlx_serving.bench.loadgen import (LoadResult, RequestSpec, Usage, Workload, arrival_times,
                                        run_load)
@@ -261,6 +262,35 @@ def test_cli_dispatches_bench_llm():
     assert (args.rate, args.workload, args.concurrency) == ([1.0, 2.0], "sharegpt", [1, 8, 32])
 
 
+def test_bench_llm_takes_client_processes():
+    def parse(*extra):
+        return build_parser().parse_args(["bench", "llm", "--url", "http://x", "--model", "m",
+                                          *extra])
+    assert parse().client_processes == 1
+    assert parse("--client-processes", "4").client_processes == 4
+    with pytest.raises(SystemExit):
+        parse("--client-processes", "0")
+
+
+def test_a_busy_load_client_is_reported_and_warned_of():
+    idle, busy = result(8, 10.0, client_cpu=0.42), result(512, 9e3, client_cpu=0.97)
+    spread = result(512, 2e4, client_cpu=0.91, client_processes=4)
+    assert client_use(idle) == "client cpu 0.42 (1 process)"
+    assert client_use(spread) == "client cpu 0.91 (4 processes)"
+    assert client_use(result(8, 10.0)) == "client cpu - (1 process)"  # not measured
+    assert client_bound_warning(idle) is None and client_bound_warning(result(8, 1.0)) is None
+    assert client_bound_warning(busy) == (
+        "warning: the load client was busy 97% of the level: its numbers may be "
+        "client-bound; use --client-processes")
+    assert client_bound_warning(spread).endswith("use --client-processes (more than 4)")
+
+    runs = {"ours": [[idle], [busy, spread, busy]], "ours · GuideLLM": [[result(8, 9.0)],
+                                                                       [result(512, 9.0)]]}
+    assert client_lines(runs, ["c=8", "c=512"]) == [
+        "- load client, ours: busiest process's CPU (1.0 = a core) and processes per level: "
+        "c=8 0.42 (1), c=512 0.97 (1)"]  # the median run's, as in the table
+
+
 @pytest.fixture(scope="module")
 def mlx_lm_server(tiny_model_path):
     with start_mlx_lm(ServerOptions(str(tiny_model_path), startup_timeout_s=120)) as endpoint:
@@ -272,10 +302,15 @@ def test_bench_llm_against_mlx_lm_server(mlx_lm_server, tiny_model_path, tmp_pat
     code = bench_main(["--url", mlx_lm_server.url, "--model", mlx_lm_server.model, "--label", "lm",
                        "--model-path", str(tiny_model_path), "--eos-logit-bias", "lm",
                        "--concurrency", "1", "3", "--requests", "6", "--input-tokens", "16",
-                       "--output-tokens", "12", "--out", str(out), "--no-progress"])
+                       "--output-tokens", "12", "--out", str(out), "--no-progress",
+                       "--client-processes", "2"])
     assert code == 0
-    report = capsys.readouterr().out
+    printed = capsys.readouterr()
+    report = printed.out
     assert "| 1 | lm |" in report and "| 3 | lm |" in report
+    assert "lm c=1: " in printed.err and "(1 process); load before" in printed.err
+    assert "(2 processes); load before" in printed.err
+    assert "- load client, lm: " in report
 
     saved = json.loads((out / "results.json").read_text())
     entry = saved["servers"]["lm"]
@@ -286,6 +321,9 @@ def test_bench_llm_against_mlx_lm_server(mlx_lm_server, tiny_model_path, tmp_pat
         assert (lv["requests_ok"], lv["requests_failed"], lv["requests_short"]) == (6, 0, 0)
         assert lv["output_tokens"] == 6 * 12 and lv["input_tokens"] >= 6 * 16
         assert lv["load_before"] is None or len(lv["load_before"]) == 3
+        assert 0 < lv["client_cpu"] <= 4
+    # one process per stream at most: c=1 from one, c=3 split over two
+    assert [lv["client_processes"] for lv in levels] == [1, 2]
     assert [w["seed"] for w in saved["workloads"]] == [0, 1]
     assert saved["environment"]["mlx-lm"] != "-"
     for png in ("throughput.png", "ttft.png"):

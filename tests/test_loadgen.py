@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import pickle
 import socket
 import threading
 import time
@@ -16,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from mlx_serving.bench.loadgen import (EngineTarget, HttpTarget, Workload, format_table, main,
-                                       run_load, sweep)
+from mlx_serving.bench.loadgen import (EngineTarget, HttpTarget, HttpTargetSpec, Workload,
+                                       arrival_times, format_table, main, run_load, sweep)
 from mlx_serving.engine import Engine, EngineConfig, EngineProcess, ModelConfig
 
 CHUNKS, TOKENS_PER_CHUNK = 4, 3           # each response: 12 tokens, coalesced 3 to a chunk
@@ -103,11 +105,19 @@ def server(fake_server: FakeServer) -> FakeServer:
     return fake_server
 
 
-def http_run(url: str, workload: Workload, concurrency: int):
+def http_run(url: str, workload: Workload, concurrency: int, **kwargs):
     async def go():
         async with HttpTarget(url, "fake", max_connections=concurrency) as target:
-            return await run_load(target, workload, concurrency)
+            return await run_load(target, workload, concurrency, **kwargs)
     return asyncio.run(go())
+
+
+def prompt(body: dict) -> str:
+    return body.get("prompt") or body["messages"][-1]["content"]
+
+
+def client_processes_left() -> list:
+    return [p for p in multiprocessing.active_children() if p.name.startswith("loadgen-client")]
 
 
 @pytest.mark.parametrize("chat", [True, False])
@@ -130,6 +140,7 @@ def test_http_counts_tokens_and_times(server, chat):
     assert itl * 0.5 < result.itl_ms["mean"] < itl * 10
     assert result.e2e_ms["p50"] >= (FIRST_DELAY_S + 3 * CHUNK_DELAY_S) * 1e3 * 0.9
     assert set(result.ttft_ms) == {"p50", "p90", "p99", "mean"}
+    assert result.client_processes == 1 and 0 < result.client_cpu <= 2
 
 
 def test_http_errors_are_counted_not_raised(server):
@@ -152,6 +163,84 @@ def test_http_unreachable_server_is_counted():
 
     assert result.errors == {"ConnectError": 3}
     assert result.requests_ok == 0 and result.ttft_ms["p50"] is None
+
+
+def test_two_client_processes_send_what_one_does(server):
+    """The same requests, tokens and progress calls from two processes as from one; each
+    process times its own requests, so TTFT is still from send to first chunk."""
+    workload = Workload(requests=12, warmup=2, prompt_tokens=8, max_tokens=TOKENS)
+    one = http_run(server.url, workload, concurrency=3)
+    sent_by_one = sorted(prompt(b) for b in server.bodies)
+    server.reset()
+    ended = []
+    two = http_run(server.url, workload, concurrency=3, processes=2, on_done=ended.append)
+
+    assert (two.requests_ok, two.requests_failed, two.output_tokens, two.input_tokens) == \
+        (one.requests_ok, one.requests_failed, one.output_tokens, one.input_tokens) == \
+        (12, 0, 12 * TOKENS, 12 * 20)
+    assert sorted(prompt(b) for b in server.bodies) == sent_by_one  # warm-up included
+    assert ended == [True] * 12
+    assert (one.client_processes, two.client_processes) == (1, 2)
+    assert isinstance(two.client_cpu, float) and 0 < two.client_cpu <= 4
+    assert FIRST_DELAY_S * 1e3 * 0.9 < two.ttft_ms["p50"] < 1000
+    # 3 streams split 2 + 1, the requests 8 + 4: both processes take as long as one did
+    assert two.duration_s < 1.5 * one.duration_s + 0.1
+    assert not client_processes_left()
+
+
+def test_open_loop_over_client_processes_keeps_the_arrival_times(server):
+    workload = Workload(requests=8, warmup=0, prompt_tokens=8, max_tokens=TOKENS, seed=5)
+    result = http_run(server.url, workload, concurrency=2, processes=5, rate=40.0)
+
+    assert (result.requests_ok, result.rate, result.output_tokens) == (8, 40.0, 8 * TOKENS)
+    assert result.client_processes == 2  # at most one process per request in flight
+    assert len(server.bodies) == 8
+    # the last request was not sent before its arrival time, and took a response's time
+    assert result.duration_s >= arrival_times(8, 40.0, seed=5)[-1] + FIRST_DELAY_S
+    assert not client_processes_left()
+
+
+def test_a_client_process_that_dies_fails_the_level(server):
+    killed = []
+
+    def kill_one(ok: bool) -> None:
+        if not killed:
+            victim = client_processes_left()[0]
+            victim.kill()
+            killed.append(victim.name)
+
+    with pytest.raises(RuntimeError, match=r"load client process \d \(of 2\) failed, "
+                                           r"exit code -9"):
+        http_run(server.url, Workload(requests=40, warmup=0, prompt_tokens=8), concurrency=2,
+                 processes=2, on_done=kill_one)
+    assert killed and not client_processes_left()  # the other one was stopped too
+
+
+class LocalTarget:
+    """A target in this process (not HTTP): streams one token."""
+
+    async def stream(self, spec):
+        yield 1
+
+
+def test_client_processes_need_an_http_target():
+    with pytest.raises(ValueError, match="processes=2 needs an HttpTarget"):
+        asyncio.run(run_load(LocalTarget(), Workload(requests=2, warmup=0), 2, processes=2))
+    single = asyncio.run(run_load(LocalTarget(), Workload(requests=2, warmup=0), 2))
+    assert single.requests_ok == 2 and single.client_processes == 1
+
+
+def test_http_target_spec_opens_a_like_target():
+    async def go():
+        async with HttpTarget("http://h:1/", "m", "key", max_connections=7, timeout_s=3.0,
+                              extra_body={"logit_bias": {"2": -100}}) as target:
+            spec = pickle.loads(pickle.dumps(target.spec))
+            async with spec.open() as again:
+                return spec, again.spec
+
+    spec, again = asyncio.run(go())
+    assert spec == again == HttpTargetSpec("http://h:1/", "m", "key", 7, 3.0,
+                                           {"logit_bias": {"2": -100}})
 
 
 def test_cli_sweeps_and_writes_json(server, tmp_path, capsys):
