@@ -29,7 +29,11 @@
 #                                   GPUS_REPEATS override the levels and the repeats, GPUS_ARGS
 #                                   adds bench llm flags, e.g. "--deployment
 #                                   max_ongoing_requests=136")
-#         gpus-fresh-N              gpus-N with the Routers on FreshQueueLengthRouter
+#                                   (one load-client process per GPU; GPUS_CLIENTS overrides)
+#         gpus-pow2-N               gpus-N with the Routers on Serve's own request router
+#                                   instead of FreshQueueLengthRouter
+#         decode-rate               raw BatchGenerator decode steps/s on 1, 2 and all GPUs at
+#                                   once, then beside 16 busy CPUs (bench.gpu_decode)
 #         canary-gpus               the canary rollback drill, stable and canary on a GPU each
 #         process-SIZE              engine in-process vs in a child process, no Ray
 #         prefix-SIZE               the engine's prefix cache off and on, in-process, chat
@@ -90,14 +94,20 @@ for step in "$@"; do
         --json "$out/$step.json" 2> >(tee "$out/$step.err" >&2) | tee "$out/$step.md" ;;
     gpus-*)
       n=${step#gpus-}; flags=()
-      [[ $n == fresh-* ]] && { n=${n#fresh-}; flags+=(--deployment "request_router_config=\
-{request_router_class: mlx_serving.deployments.replica_routing:FreshQueueLengthRouter}"); }
+      [[ $n == pow2-* ]] && { n=${n#pow2-}; flags+=(--deployment "request_router_config=\
+{request_router_class: 'ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter'}"); }
       path=$(model 8b)
       "$py" -m mlx_serving.deployments.cli bench llm --compare --servers ours --model-path "$path" \
         --replicas "$n" --gpus-per-replica 1 --concurrency ${GPUS_LEVELS:-32 64 128 256} \
+        --client-processes "${GPUS_CLIENTS:-$n}" \
         --repeats "${GPUS_REPEATS:-1}" --max-batch-size 128 "${flags[@]}" ${GPUS_ARGS:-} \
         --engine prefill_batch_size=16 --no-progress --no-plots --out "$out/$step" \
         --title "$step" | tail -n 20 ;;
+    decode-rate)
+      path=$(model 8b); gpus=$(nvidia-smi -L | wc -l)
+      "$py" -m mlx_serving.bench.gpu_decode --model "$path" --groups 0 0,1 \
+        "$(seq -s, 0 $((gpus - 1)))" --cpu-load 16 --json "$out/decode-rate.json" \
+        | tee "$out/decode-rate.md" ;;
     canary-gpus)
       path=$(model 8b)
       "$py" -m mlx_serving.bench.canary_gpus --model "$path" --stable-replicas 1 \
