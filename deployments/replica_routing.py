@@ -32,6 +32,7 @@ import asyncio
 import logging
 import weakref
 
+import ray
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import RunningReplica
 
@@ -60,6 +61,7 @@ class FreshQueueLengthRouter(PowerOfTwoChoicesRequestRouter):
             raise ValueError(f"refresh_interval_s must be > 0, not {refresh_interval_s}")
         self.refresh_interval_s = refresh_interval_s
         self.refreshes = 0  # rounds done
+        self.missed = 0  # answers that did not come within their round (kept the old entry)
         self._refresher: asyncio.Task | None = None
         # Serve ships this class to its callers pickled, possibly by value, with a copy of
         # this module's globals: register with the module the caller's process imports.
@@ -71,19 +73,29 @@ class FreshQueueLengthRouter(PowerOfTwoChoicesRequestRouter):
         return self._deployment_id.name
 
     def view(self) -> dict:
-        """This router's cached queue length of every replica, and its refreshes so far."""
+        """This router's cached queue length of every replica, its refreshes so far, and
+        the answers that missed their round (a replica too busy to answer in time)."""
         cache = self._replica_queue_len_cache
         return {"refresh_interval_s": self.refresh_interval_s, "refreshes": self.refreshes,
+                "missed": self.missed,
                 "queue_lengths": {rid.unique_id: cache.get(rid) for rid in self.curr_replicas}}
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)  # runs on the router's event loop
-        if self._refresher is None and replicas:
+        if replicas and self._refresher is None:
             self._refresher = self._event_loop.create_task(self._refresh_forever())
+        elif not replicas and self._refresher is not None:  # the deployment went away
+            self._refresher.cancel()
+            self._refresher = None
 
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(self.refresh_interval_s)
+            # A handle's router outlives ray.shutdown() in its process (a driver's), and
+            # an actor call would start Ray again there (auto-init): stop instead.
+            if not ray.is_initialized():
+                self._refresher = None
+                return
             try:
                 await self.refresh()
             except Exception:  # never let the refresher die: routing would go stale again
@@ -94,11 +106,19 @@ class FreshQueueLengthRouter(PowerOfTwoChoicesRequestRouter):
         replica that does not answer within the interval keeps its entry."""
         replicas = list(self.curr_replicas.values())
         answers = await asyncio.gather(
-            *(asyncio.wait_for(r.get_queue_len(deadline_s=self.refresh_interval_s),
-                               self.refresh_interval_s) for r in replicas),
+            *(asyncio.wait_for(self._ask(r), self.refresh_interval_s) for r in replicas),
             return_exceptions=True)
         current = self.curr_replicas
         for replica, answer in zip(replicas, answers):
-            if isinstance(answer, int) and replica.replica_id in current:
+            if not isinstance(answer, int):
+                self.missed += 1
+            elif replica.replica_id in current:
                 self.on_new_queue_len_info(replica.replica_id, answer)
         self.refreshes += 1
+
+    async def _ask(self, replica: RunningReplica) -> int | None:
+        # Checked in the same step as the actor call (get_queue_len makes it before its
+        # first await): a ray.shutdown() in another thread has next to no moment between.
+        if not ray.is_initialized():
+            return None
+        return await replica.get_queue_len(deadline_s=self.refresh_interval_s)

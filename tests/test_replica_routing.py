@@ -10,7 +10,7 @@ from mlx_serving.deployments.replica_routing import FreshQueueLengthRouter, rout
 
 
 def _router(**kwargs) -> FreshQueueLengthRouter:
-    router = FreshQueueLengthRouter(deployment_id=DeploymentID(name="LLMServer-stable",
+    router = FreshQueueLengthRouter(deployment_id=DeploymentID(name="LLMServer-unit",
                                                                app_name="unit"),
                                     handle_source=DeploymentHandleSource.UNKNOWN,
                                     use_replica_queue_len_cache=True)
@@ -20,8 +20,8 @@ def _router(**kwargs) -> FreshQueueLengthRouter:
 
 def test_a_router_reports_its_view_by_deployment():
     router = _router(refresh_interval_s=0.25)
-    view = routing_views()["LLMServer-stable"]
-    assert view == {"refresh_interval_s": 0.25, "refreshes": 0, "queue_lengths": {}}
+    view = routing_views()["LLMServer-unit"]
+    assert view == {"refresh_interval_s": 0.25, "refreshes": 0, "missed": 0, "queue_lengths": {}}
     assert router.view() == view
 
 

@@ -11,6 +11,8 @@ every Router's view follows the replicas: it comes back to zero once the burst i
 from __future__ import annotations
 
 import concurrent.futures
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -96,3 +98,48 @@ def test_every_variant_routes_on_fresh_queue_lengths_unless_it_says_otherwise(se
     wait_until(lambda: _views(serve_app, serve_app.url, seen), timeout=30, interval=0.2)
     view = next(iter(seen.values()))
     assert view["refresh_interval_s"] == REFRESH_S and len(view["queue_lengths"]) >= 1, view
+
+
+# A driver's handle keeps its router after ray.shutdown(); its refresher's actor calls would
+# start Ray again in that process (Ray's auto-init), as the test session's own teardown
+# found: the refresher stops once Ray is shut down.
+AFTER_SHUTDOWN = """
+import sys, time, ray
+from ray import serve
+from mlx_serving.deployments.replica_routing import ROUTER_CLASS, routing_views
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+serve.start(proxy_location="Disabled")  # no HTTP: the session's application holds the ports
+@serve.deployment(ray_actor_options={"num_cpus": 0},
+                  request_router_config={"request_router_class": ROUTER_CLASS,
+                                         "request_router_kwargs": {"refresh_interval_s": 0.05}})
+class Echo:
+    def __call__(self, x):
+        return x
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Ingress:  # Serve allows a custom request router on a deployment behind the ingress only
+    def __init__(self, echo):
+        self.echo = echo
+serve.run(Ingress.bind(Echo.bind()), name="echo", route_prefix=None)
+handle = serve.get_deployment_handle("Echo", "echo")
+assert handle.remote(7).result() == 7
+deadline = time.monotonic() + 30
+while not routing_views().get("Echo", {}).get("refreshes"):
+    assert time.monotonic() < deadline, routing_views()
+    time.sleep(0.05)
+print("=== shut down", file=sys.stderr, flush=True)
+ray.shutdown()
+time.sleep(1.0)
+print("ray initialized after shutdown:", ray.is_initialized())
+"""
+
+
+@pytest.mark.slow
+def test_a_drivers_refresher_does_not_start_ray_again_after_shutdown(tmp_path):
+    done = subprocess.run([sys.executable, "-c", AFTER_SHUTDOWN], capture_output=True,
+                          text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = done.stderr.split("=== shut down")[1]  # from ray.shutdown() on
+    # the auto-init connects to whatever cluster it finds (the session's, in CI) or starts one
+    assert "ray initialized after shutdown: False" in done.stdout, after[-3000:]
+    assert "Connecting to existing Ray cluster" not in after, after[-3000:]
+    assert "Started a local Ray instance" not in after, after[-3000:]
