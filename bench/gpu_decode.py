@@ -5,8 +5,9 @@ Each group runs one process per GPU (``CUDA_VISIBLE_DEVICES``), every process dr
 ``BatchGenerator`` over ``--batch`` sequences; once all have loaded the model, they decode
 together for ``--window`` seconds and report their decode steps per second and their CPU
 seconds per second (a step is host work on one core: building the graph and launching its
-kernels, so a loop near 1.0 is bound by its core). ``--cpu-load K`` adds a run of each group beside K processes spinning on a core
-each, as a serving stack's Routers, proxy and load client would. No Ray, no engine.
+kernels, so a loop near 1.0 is bound by its core). ``--cpu-load K`` adds a run of each
+group beside K processes spinning on a core each, as a serving stack's Routers, proxy and
+load client would. No Ray, no engine.
 
     python -m mlx_serving.bench.gpu_decode --model PATH --groups 0 0,1 0,1,2,3 --cpu-load 16
 """

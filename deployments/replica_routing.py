@@ -23,7 +23,7 @@ names another::
         request_router_kwargs: {refresh_interval_s: 0.25}
 
 Each round costs one small call per replica from each Router (Routers x replicas calls per
-interval).
+interval); a deployment of one replica has nothing to choose between, so no rounds.
 """
 
 from __future__ import annotations
@@ -103,8 +103,11 @@ class FreshQueueLengthRouter(PowerOfTwoChoicesRequestRouter):
 
     async def refresh(self) -> None:
         """Ask every replica for its queue length (concurrently) and cache the answers; a
-        replica that does not answer within the interval keeps its entry."""
+        replica that does not answer within the interval keeps its entry. With one replica
+        there is no choice to make, so no round."""
         replicas = list(self.curr_replicas.values())
+        if len(replicas) < 2:
+            return
         answers = await asyncio.gather(
             *(asyncio.wait_for(self._ask(r), self.refresh_interval_s) for r in replicas),
             return_exceptions=True)
