@@ -18,7 +18,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import random
 import subprocess
 import sys
 import time
@@ -43,10 +42,10 @@ def decode(model_path: str, batch: int, window_s: float) -> None:
     from mlx_lm import load
     from mlx_lm.generate import BatchGenerator
 
+    from mlx_serving.bench.engine import make_prompts
+
     model, _ = load(model_path)
-    rng = random.Random(0)
-    prompts = [[rng.randrange(10, model.args.vocab_size - 10) for _ in range(128)]
-               for _ in range(batch)]
+    prompts = make_prompts(batch, 128, model.args.vocab_size)
 
     def generator():
         gen = BatchGenerator(model, completion_batch_size=batch, prefill_batch_size=16)
@@ -128,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     rates = []
     for loads in ([0, args.cpu_load] if args.cpu_load else [0]):
         for group in args.groups:
-            rates += run_group(args, group.split(","), loads)
-            for r in rates[-len(group.split(",")):]:
+            group_rates = run_group(args, group.split(","), loads)
+            rates += group_rates
+            for r in group_rates:
                 print(f"GPUs {r.group:<10} beside {r.cpu_load:>3} busy CPUs: GPU {r.gpu} "
                       f"{r.steps_s:6.2f} steps/s, process CPU per second {r.cpu_per_wall:.2f}",
                       flush=True)

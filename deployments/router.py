@@ -698,7 +698,7 @@ class Router:
     @app.get("/admin/routing")
     async def admin_routing(self, request: Request) -> Response:
         """How this Router sees each variant's replicas: the queue length its request router
-        holds for each (null for a variant on Serve's default router, which keeps no view)."""
+        holds for each (null for a variant set to Serve's own router, which keeps no view)."""
         if (refused := self._refusal(request)) is not None:
             return refused
         views = routing_views()
