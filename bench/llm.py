@@ -176,9 +176,17 @@ async def sweep_endpoint(endpoint: Endpoint, args: argparse.Namespace, levels: l
 
 
 def client_use(r: LoadResult) -> str:
-    """The load client's busiest process's CPU share over a level, and its processes."""
+    """The load client's busiest process's CPU share over a level, and its processes; and
+    the machine's busy CPUs (and the share stolen by a hypervisor, if any) where known."""
     cpu = "-" if r.client_cpu is None else f"{r.client_cpu:.2f}"
-    return f"client cpu {cpu} ({r.client_processes} process{'es' * (r.client_processes > 1)})"
+    use = f"client cpu {cpu} ({r.client_processes} process{'es' * (r.client_processes > 1)})"
+    return use if r.host_busy_cpus is None else f"{use}, host {host_use(r)}"
+
+
+def host_use(r: LoadResult) -> str:
+    """The machine's mean busy CPUs over a level, with the share stolen where there was."""
+    stolen = f", {100 * r.host_steal:.1f}% stolen" if r.host_steal else ""
+    return f"{r.host_busy_cpus:.1f} CPUs busy{stolen}"
 
 
 def client_bound_warning(r: LoadResult) -> str | None:
@@ -202,6 +210,10 @@ def client_lines(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -> 
                      "processes per level: " + ", ".join(
                          f"{level} {'-' if r.client_cpu is None else f'{r.client_cpu:.2f}'} "
                          f"({r.client_processes})" for level, r in shown))
+        if any(r.host_busy_cpus is not None for _, r in shown):
+            lines.append(f"- host CPU during each level, {label}: " + ", ".join(
+                f"{level} {'-' if r.host_busy_cpus is None else host_use(r)}"
+                for level, r in shown))
     return lines
 
 
@@ -258,13 +270,16 @@ def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -
     engines saw it, and the engines' mean queue time (each is a share of the one before)
     and time from admission to the decode batch (in ms and engine steps), and the steps
     from there to the first token; then the engine threads' time by activity, as a share of
-    the level's wall time; and each replica's mean requests in flight as Serve counts them
+    the level's wall time; each replica's mean requests in flight as Serve counts them
     (its streams) and as its engine does, whose difference shows a replica that routing
-    thinks busier than its engine is."""
+    thinks busier than its engine is; and each engine thread's CPU seconds per busy second
+    (well under 1: a thread that waits for its core, the interpreter lock or the device)
+    and its process's CPU seconds per second of the level."""
     from mlx_serving.bench.replicas import (ENGINE_ACTIVITIES, ENGINE_TTFT, FINISHED, IN_ENGINE,
-                                            IN_REPLICA, QUEUED, ROUTER_TTFT_COUNT,
-                                            ROUTER_TTFT_SUM, STEPS, TO_DECODE, TO_DECODE_STEPS,
-                                            TO_TOKEN_STEPS, TOKENS, engine_seconds, of_metric)
+                                            IN_REPLICA, PROCESS_CPU, QUEUED, ROUTER_TTFT_COUNT,
+                                            ROUTER_TTFT_SUM, STEPS, THREAD_CPU, TO_DECODE,
+                                            TO_DECODE_STEPS, TO_TOKEN_STEPS, TOKENS,
+                                            engine_seconds, of_metric)
 
     lines = []
     for label, by_level in runs.items():
@@ -308,6 +323,14 @@ def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -
                 part += ", in flight per replica / in its engine " + ", ".join(
                     f"{in_replica.get(rep, 0.0) / r.duration_s:.1f}/"
                     f"{in_engine.get(rep, 0.0) / r.duration_s:.1f}" for rep in order)
+            thread_cpu, process_cpu = of_metric(counters, THREAD_CPU), of_metric(counters,
+                                                                                 PROCESS_CPU)
+            busy = {rep: sum(of_metric(counters, engine_seconds(a)).get(rep, 0.0)
+                             for a in ENGINE_ACTIVITIES) for rep in order}
+            if thread_cpu and all(busy.values()):
+                part += ", engine thread CPU per busy s / process CPU per s " + ", ".join(
+                    f"{thread_cpu.get(rep, 0.0) / busy[rep]:.2f}/"
+                    f"{process_cpu.get(rep, 0.0) / r.duration_s:.2f}" for rep in order)
             parts.append(part)
         if parts:
             lines.append(f"\n{label}, by replica (busiest first): " + "; ".join(parts))

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Protocol
 import httpx
 import numpy as np
 
+from mlx_serving.bench.host_cpu import HostCpuTimes
 from mlx_serving.engine import Engine, EngineProcess, GenerationRequest, SamplingParams
 
 if TYPE_CHECKING:
@@ -553,7 +554,10 @@ class LoadResult:
     has none. ``input_tokens`` totals the prompt tokens servers reported (None if none did).
     ``client_processes`` is how many processes sent the requests and ``client_cpu`` the
     busiest one's CPU time over its wall time (1.0: a core saturated, so the numbers may
-    be the client's limit, not the server's; None: not measured).
+    be the client's limit, not the server's; None: not measured). ``host_busy_cpus`` is the
+    mean number of the machine's CPUs busy during the level, all processes counted, and
+    ``host_steal`` the share of its CPU time a hypervisor gave to other guests (None where
+    the OS does not tell: macOS).
     """
 
     concurrency: int
@@ -574,6 +578,8 @@ class LoadResult:
     error_examples: dict[str, str] = field(default_factory=dict)  # the first of each kind
     client_processes: int = 1
     client_cpu: float | None = None
+    host_busy_cpus: float | None = None
+    host_steal: float | None = None
 
     @classmethod
     def from_records(cls, concurrency: int, records: list[_Record], duration_s: float,
@@ -638,15 +644,21 @@ async def run_load(target: Target, workload: WorkloadLike, concurrency: int,
     n = max(1, min(processes, concurrency, len(measured)))
     if n == 1:
         before = await probe() if probe else None
+        host_before = HostCpuTimes.read()
         parts = [await _run_share(target, share,
                                   (lambda r: on_done(r.error is None)) if on_done else None)]
     else:
         async with _client_processes(target.spec, share.split(n)) as clients:
             before = await probe() if probe else None
+            host_before = HostCpuTimes.read()
             parts = await clients.run(on_done)
+    host_after = HostCpuTimes.read()
     result = LoadResult.from_records(
         concurrency, [r for p in parts for r in p.records], max(p.wall_s for p in parts), rate,
         client_processes=n, client_cpu=max(p.cpu_s / p.wall_s for p in parts))
+    if host_before and host_after:
+        busy, steal = host_after.since(host_before)
+        result.host_busy_cpus, result.host_steal = round(busy, 2), round(steal, 4)
     if probe:
         after = await probe()
         result.counters = {k: after[k] - before.get(k, 0) for k in after}

@@ -125,6 +125,8 @@ IN_ENGINE = "mlx_serving:request_engine_seconds_total"
 ROUTER_TTFT_SUM = "mlx_serving:time_to_first_token_seconds_sum"       # from the Router's arrival
 ROUTER_TTFT_COUNT = "mlx_serving:time_to_first_token_seconds_count"
 ENGINE_SECONDS = "mlx_serving:engine_thread_seconds_total"
+THREAD_CPU = "mlx_serving:engine_thread_cpu_seconds_total"
+PROCESS_CPU = "mlx_serving:engine_process_cpu_seconds_total"
 # not "idle": it is the rest of the wall time
 ENGINE_ACTIVITIES = ("prefill", "decode", "join", "admit", "release", "tokens")
 
@@ -138,7 +140,7 @@ def engine_seconds(activity: str) -> str:
 # what bench llm reads from our application around each level
 PROBED = (TOKENS, STEPS, FINISHED, QUEUED, ENGINE_TTFT, TO_DECODE, TO_DECODE_STEPS,
           TO_TOKEN_STEPS, IN_REPLICA, IN_ENGINE, ROUTER_TTFT_SUM, ROUTER_TTFT_COUNT,
-          *map(engine_seconds, ENGINE_ACTIVITIES))
+          THREAD_CPU, PROCESS_CPU, *map(engine_seconds, ENGINE_ACTIVITIES))
 
 
 def counters_by_replica(url: str, names: tuple[str, ...] = (TOKENS,)) -> dict[str, float]:

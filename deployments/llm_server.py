@@ -305,6 +305,12 @@ class _EngineCollector:
                                   ("idle", s.idle_s)):
             thread.add_metric([*values, activity], seconds)
         yield thread
+        yield counter("engine_thread_cpu_seconds", "The engine thread's CPU time (÷ its busy "
+                      "wall time, engine_thread_seconds less idle: well under 1 is a thread "
+                      "that waits for its core, the interpreter lock or the device).",
+                      s.thread_cpu_s)
+        yield counter("engine_process_cpu_seconds", "CPU time of the engine's process (a "
+                      "child process on GPUs; else the replica's).", s.process_cpu_s)
         yield counter("admission_rejected", "Requests refused by admission control (429).",
                       s.rejected)
         yield counter("deadline_expired", "Requests ended by their deadline (timeout_s).",

@@ -59,6 +59,10 @@ class EngineStats:
     release_s: float    # taking them out
     tokens_s: float     # handing each step's tokens to their requests
     idle_s: float       # waiting for work
+    thread_cpu_s: float   # the engine thread's CPU time: ÷ its busy wall time well under 1
+                          # means a thread that waits (its core, the interpreter lock, the device)
+    process_cpu_s: float  # the engine's whole process (its other threads, e.g. a child
+                          # engine's output forwarding, share the interpreter lock)
     generated_tokens: int
     finished: int       # requests ended, for whatever reason
     queued_s: float     # their summed time from submit to admission into the batch,
@@ -240,6 +244,8 @@ class Engine:
             release_s=sum(r.host_times.release_s for r in runners),
             tokens_s=s.counters.tokens_s,
             idle_s=s.counters.idle_s,
+            thread_cpu_s=s.counters.cpu_s,
+            process_cpu_s=time.process_time(),
             generated_tokens=s.counters.generated_tokens,
             finished=s.counters.finished,
             queued_s=s.counters.queued_s,

@@ -81,6 +81,7 @@ class SchedulerCounters:
     tokens_s: float = 0.0   # handing each step's tokens to their requests (detokenize, stop
                             # strings, streams, waking readers)
     idle_s: float = 0.0     # waiting for work with nothing to step
+    cpu_s: float = 0.0      # the engine thread's CPU time (time.thread_time), at its last turn
 
 
 class Scheduler:
@@ -198,6 +199,7 @@ class Scheduler:
                 started = time.perf_counter()
                 self._wake_readers()
                 self.counters.tokens_s += time.perf_counter() - started
+                self.counters.cpu_s = time.thread_time()
                 self.heartbeat = time.monotonic()
         except BaseException as exc:  # a bug here must not leave callers hanging
             log.exception("engine thread died")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -188,6 +190,15 @@ def test_report_gives_each_replicas_share_of_the_tokens_and_its_step_rate():
     assert replica_shares(runs, ["c=32", "c=64"])[0].endswith(
         "0 / 50 / 10 / 0 / 0 / 0, in flight per replica / in its engine 5.0/3.5, 3.0/2.9")
 
+    # with the engine threads' and processes' CPU time: the thread's per second it was busy
+    # (a: 0.6 s busy, b: 0.4 + 0.2), its process's per second of the level
+    thread, process = ("mlx_serving:engine_thread_cpu_seconds_total",
+                       "mlx_serving:engine_process_cpu_seconds_total")
+    runs["mlx-serving"][0][0].counters.update({f"{thread}@a": 0.3, f"{thread}@b": 0.6,
+                                               f"{process}@a": 0.5, f"{process}@b": 1.25})
+    assert replica_shares(runs, ["c=32", "c=64"])[0].endswith(
+        "3.0/2.9, engine thread CPU per busy s / process CPU per s 1.00/1.25, 0.50/0.50")
+
 
 def test_guidellm_report_is_read_as_a_load_result():
     def dist(values):
@@ -291,6 +302,18 @@ def test_a_busy_load_client_is_reported_and_warned_of():
         "c=8 0.42 (1), c=512 0.97 (1)"]  # the median run's, as in the table
 
 
+def test_the_hosts_busy_cpus_are_reported_with_any_stolen_time():
+    quiet = result(8, 10.0, client_cpu=0.4, host_busy_cpus=2.5, host_steal=0.0)
+    crowded = result(512, 9e3, client_cpu=0.2, client_processes=4, host_busy_cpus=41.25,
+                     host_steal=0.031)
+    assert client_use(quiet) == "client cpu 0.40 (1 process), host 2.5 CPUs busy"
+    assert client_use(crowded) == ("client cpu 0.20 (4 processes), host 41.2 CPUs busy, "
+                                   "3.1% stolen")
+    assert client_lines({"ours": [[quiet], [crowded]]}, ["c=8", "c=512"])[1] == (
+        "- host CPU during each level, ours: c=8 2.5 CPUs busy, "
+        "c=512 41.2 CPUs busy, 3.1% stolen")
+
+
 @pytest.fixture(scope="module")
 def mlx_lm_server(tiny_model_path):
     with start_mlx_lm(ServerOptions(str(tiny_model_path), startup_timeout_s=120)) as endpoint:
@@ -308,9 +331,11 @@ def test_bench_llm_against_mlx_lm_server(mlx_lm_server, tiny_model_path, tmp_pat
     printed = capsys.readouterr()
     report = printed.out
     assert "| 1 | lm |" in report and "| 3 | lm |" in report
-    assert "lm c=1: " in printed.err and "(1 process); load before" in printed.err
-    assert "(2 processes); load before" in printed.err
+    host = r", host [0-9.]+ CPUs busy(, [0-9.]+% stolen)?" if sys.platform == "linux" else ""
+    assert re.search(rf"lm c=1: .*\(1 process\){host}; load before", printed.err)
+    assert re.search(rf"lm c=3: .*\(2 processes\){host}; load before", printed.err)
     assert "- load client, lm: " in report
+    assert ("- host CPU during each level, lm: c=1 " in report) == (sys.platform == "linux")
 
     saved = json.loads((out / "results.json").read_text())
     entry = saved["servers"]["lm"]

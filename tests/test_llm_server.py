@@ -130,3 +130,31 @@ def test_engine_thread_time_is_exported_by_activity(server):
     assert set(spent) == {"prefill", "decode", "join", "admit", "release", "tokens", "idle"}
     assert all(spent[k] > 0 for k in ("prefill", "decode", "join", "admit", "tokens")), spent
     assert sum(v for k, v in spent.items() if k != "idle") <= wall * 1.05 + 0.05
+
+
+def test_engine_thread_and_process_cpu_time_are_exported(server):
+    """/metrics carries the engine thread's CPU time and its process's: a request costs the
+    thread some CPU, never more than the wall time it took, and the process at least as
+    much as the thread's share within it."""
+    import time
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mlx_serving.deployments.llm_server import _EngineCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_EngineCollector(server))
+    names = ("mlx_serving:engine_thread_cpu_seconds_total",
+             "mlx_serving:engine_process_cpu_seconds_total")
+
+    def cpu() -> tuple[float, float]:
+        samples = {s.name: s.value for f in text_string_to_metric_families(
+            generate_latest(registry).decode()) for s in f.samples}
+        return samples[names[0]], samples[names[1]]
+
+    before, started = cpu(), time.perf_counter()
+    asyncio.run(run(server, request()))
+    (thread, process), wall = (b - a for a, b in zip(before, cpu())), time.perf_counter() - started
+    assert 0 < thread <= wall + 0.05
+    assert process > 0
