@@ -159,25 +159,28 @@ def test_report_gives_each_replicas_share_of_the_tokens_and_its_step_rate():
         "\nmlx-serving, by replica (busiest first): "
         "c=32: tokens 75%/25%, steps/s 20/10, tokens per step 15.0/10.0"]
 
+    def line_with(counters: dict[str, float]) -> str:
+        """The report's line once the first level's run also carries ``counters``."""
+        runs["mlx-serving"][0][0].counters.update(counters)
+        return replica_shares(runs, ["c=32", "c=64"])[0]
+
     # with the engine's request timings, the level also says where TTFT went
     f, q, e = ("mlx_serving:requests_finished_total", "mlx_serving:request_queue_seconds_total",
                "mlx_serving:request_engine_ttft_seconds_total")
     rs, rc = ("mlx_serving:time_to_first_token_seconds_sum",
               "mlx_serving:time_to_first_token_seconds_count")
-    runs["mlx-serving"][0][0].counters.update({f"{f}@a": 2.0, f"{f}@b": 2.0, f"{q}@a": 0.1,
-                                               f"{q}@b": 0.1, f"{e}@a": 0.3, f"{e}@b": 0.5,
-                                               f"{rs}@router1": 1.2, f"{rc}@router1": 4.0})
-    assert replica_shares(runs, ["c=32", "c=64"])[0].endswith(
+    assert line_with({f"{f}@a": 2.0, f"{f}@b": 2.0, f"{q}@a": 0.1,
+                      f"{q}@b": 0.1, f"{e}@a": 0.3, f"{e}@b": 0.5,
+                      f"{rs}@router1": 1.2, f"{rc}@router1": 4.0}).endswith(
         "tokens per step 15.0/10.0, TTFT mean client / Router / engine 12 / 300 / 200 ms, "
         "engine queue 50 ms")
 
     # with the engine threads' seconds by activity, their shares of the level's wall time
     # (two replicas over 1 s: 2 s of engine time in all)
     seconds = 'mlx_serving:engine_thread_seconds_total{activity="%s"}'
-    runs["mlx-serving"][0][0].counters.update({f"{seconds % 'decode'}@a": 0.6,
-                                               f"{seconds % 'decode'}@b": 0.4,
-                                               f"{seconds % 'join'}@b": 0.2})
-    assert replica_shares(runs, ["c=32", "c=64"])[0].endswith(
+    assert line_with({f"{seconds % 'decode'}@a": 0.6,
+                      f"{seconds % 'decode'}@b": 0.4,
+                      f"{seconds % 'join'}@b": 0.2}).endswith(
         "engine queue 50 ms, engine time % prefill / decode / join / admit / release / tokens "
         "0 / 50 / 10 / 0 / 0 / 0")
 
@@ -185,18 +188,16 @@ def test_report_gives_each_replicas_share_of_the_tokens_and_its_step_rate():
     # mean numbers in flight, busiest replica first: b's routing sees more than b's engine holds
     on_replica, in_engine = ("mlx_serving:request_replica_seconds_total",
                              "mlx_serving:request_engine_seconds_total")
-    runs["mlx-serving"][0][0].counters.update({f"{on_replica}@a": 3.0, f"{on_replica}@b": 5.0,
-                                               f"{in_engine}@a": 2.9, f"{in_engine}@b": 3.5})
-    assert replica_shares(runs, ["c=32", "c=64"])[0].endswith(
+    assert line_with({f"{on_replica}@a": 3.0, f"{on_replica}@b": 5.0,
+                      f"{in_engine}@a": 2.9, f"{in_engine}@b": 3.5}).endswith(
         "0 / 50 / 10 / 0 / 0 / 0, in flight per replica / in its engine 5.0/3.5, 3.0/2.9")
 
     # with the engine threads' and processes' CPU time: the thread's per second it was busy
     # (a: 0.6 s busy, b: 0.4 + 0.2), its process's per second of the level
     thread, process = ("mlx_serving:engine_thread_cpu_seconds_total",
                        "mlx_serving:engine_process_cpu_seconds_total")
-    runs["mlx-serving"][0][0].counters.update({f"{thread}@a": 0.3, f"{thread}@b": 0.6,
-                                               f"{process}@a": 0.5, f"{process}@b": 1.25})
-    assert replica_shares(runs, ["c=32", "c=64"])[0].endswith(
+    assert line_with({f"{thread}@a": 0.3, f"{thread}@b": 0.6,
+                      f"{process}@a": 0.5, f"{process}@b": 1.25}).endswith(
         "3.0/2.9, engine thread CPU per busy s / process CPU per s 1.00/1.25, 0.50/0.50")
 
 

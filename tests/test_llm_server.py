@@ -76,11 +76,8 @@ def test_injected_aborts_come_before_the_first_token_or_after_some(server, after
     wait_until(lambda: server.engine.stats().running == 0, timeout=10)   # a cancel is async
 
 
-def test_time_in_flight_is_exported_as_serve_and_the_engine_count_it(server):
-    """Serve counts a request at its replica for as long as the replica's stream lasts, the
-    engine from submit to the request's end: /metrics sums both over the ended requests
-    (÷ wall time: the mean number in flight, as routing sees it and as the engine does),
-    and the stream encloses the engine's part."""
+def engine_samples(server) -> dict[str, float]:
+    """The replica's engine metrics as /metrics gives them, by sample name."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -88,17 +85,21 @@ def test_time_in_flight_is_exported_as_serve_and_the_engine_count_it(server):
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_EngineCollector(server))
+    return {s.name: s.value for f in text_string_to_metric_families(
+        generate_latest(registry).decode()) for s in f.samples}
+
+
+def test_time_in_flight_is_exported_as_serve_and_the_engine_count_it(server):
+    """Serve counts a request at its replica for as long as the replica's stream lasts, the
+    engine from submit to the request's end: /metrics sums both over the ended requests
+    (÷ wall time: the mean number in flight, as routing sees it and as the engine does),
+    and the stream encloses the engine's part."""
     names = ("mlx_serving:request_replica_seconds_total",
              "mlx_serving:request_engine_seconds_total")
-
-    def seconds() -> tuple[float, float]:
-        samples = {s.name: s.value for f in text_string_to_metric_families(
-            generate_latest(registry).decode()) for s in f.samples}
-        return samples[names[0]], samples[names[1]]
-
-    before = seconds()
+    before = engine_samples(server)
     asyncio.run(run(server, request()))
-    in_replica, in_engine = (b - a for a, b in zip(before, seconds()))
+    after = engine_samples(server)
+    in_replica, in_engine = (after[n] - before[n] for n in names)
     assert 0 < in_engine <= in_replica
 
 
@@ -134,27 +135,14 @@ def test_engine_thread_time_is_exported_by_activity(server):
 
 def test_engine_thread_and_process_cpu_time_are_exported(server):
     """/metrics carries the engine thread's CPU time and its process's: a request costs the
-    thread some CPU, never more than the wall time it took, and the process at least as
-    much as the thread's share within it."""
+    thread some CPU, never more than the wall time it took, and its process some too."""
     import time
 
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from mlx_serving.deployments.llm_server import _EngineCollector
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_EngineCollector(server))
     names = ("mlx_serving:engine_thread_cpu_seconds_total",
              "mlx_serving:engine_process_cpu_seconds_total")
-
-    def cpu() -> tuple[float, float]:
-        samples = {s.name: s.value for f in text_string_to_metric_families(
-            generate_latest(registry).decode()) for s in f.samples}
-        return samples[names[0]], samples[names[1]]
-
-    before, started = cpu(), time.perf_counter()
+    before, started = engine_samples(server), time.perf_counter()
     asyncio.run(run(server, request()))
-    (thread, process), wall = (b - a for a, b in zip(before, cpu())), time.perf_counter() - started
+    after, wall = engine_samples(server), time.perf_counter() - started
+    thread, process = (after[n] - before[n] for n in names)
     assert 0 < thread <= wall + 0.05
     assert process > 0
