@@ -323,8 +323,8 @@ def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -
                 part += ", in flight per replica / in its engine " + ", ".join(
                     f"{in_replica.get(rep, 0.0) / r.duration_s:.1f}/"
                     f"{in_engine.get(rep, 0.0) / r.duration_s:.1f}" for rep in order)
-            thread_cpu, process_cpu = of_metric(counters, THREAD_CPU), of_metric(counters,
-                                                                                 PROCESS_CPU)
+            thread_cpu = of_metric(counters, THREAD_CPU)
+            process_cpu = of_metric(counters, PROCESS_CPU)
             busy = {rep: sum(of_metric(counters, engine_seconds(a)).get(rep, 0.0)
                              for a in ENGINE_ACTIVITIES) for rep in order}
             if thread_cpu and all(busy.values()):
