@@ -175,11 +175,16 @@ async def sweep_endpoint(endpoint: Endpoint, args: argparse.Namespace, levels: l
     return results
 
 
+def _client_cpu(r: LoadResult) -> str:
+    """The load client's busiest process's CPU share over a level ("-": not measured)."""
+    return "-" if r.client_cpu is None else f"{r.client_cpu:.2f}"
+
+
 def client_use(r: LoadResult) -> str:
     """The load client's busiest process's CPU share over a level, and its processes; and
     the machine's busy CPUs (and the share stolen by a hypervisor, if any) where known."""
-    cpu = "-" if r.client_cpu is None else f"{r.client_cpu:.2f}"
-    use = f"client cpu {cpu} ({r.client_processes} process{'es' * (r.client_processes > 1)})"
+    use = (f"client cpu {_client_cpu(r)} "
+           f"({r.client_processes} process{'es' * (r.client_processes > 1)})")
     return use if r.host_busy_cpus is None else f"{use}, host {host_use(r)}"
 
 
@@ -208,8 +213,8 @@ def client_lines(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -> 
             continue  # not ours (GuideLLM)
         lines.append(f"- load client, {label}: busiest process's CPU (1.0 = a core) and "
                      "processes per level: " + ", ".join(
-                         f"{level} {'-' if r.client_cpu is None else f'{r.client_cpu:.2f}'} "
-                         f"({r.client_processes})" for level, r in shown))
+                         f"{level} {_client_cpu(r)} ({r.client_processes})"
+                         for level, r in shown))
         if any(r.host_busy_cpus is not None for _, r in shown):
             lines.append(f"- host CPU during each level, {label}: " + ", ".join(
                 f"{level} {'-' if r.host_busy_cpus is None else host_use(r)}"

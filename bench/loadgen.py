@@ -584,7 +584,9 @@ class LoadResult:
     @classmethod
     def from_records(cls, concurrency: int, records: list[_Record], duration_s: float,
                      rate: float | None = None, *, client_processes: int = 1,
-                     client_cpu: float | None = None) -> LoadResult:
+                     client_cpu: float | None = None,
+                     host_cpu: tuple[float, float] | None = None) -> LoadResult:
+        """The result of ``records``; ``host_cpu`` is (busy CPUs, stolen share), if known."""
         ok = [r for r in records if r.error is None]
         tokens = sum(r.tokens for r in ok)
         prompts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
@@ -601,7 +603,9 @@ class LoadResult:
             input_tokens=sum(prompts) if prompts else None,
             error_examples={r.error: r.error_detail for r in reversed(records) if r.error},
             client_processes=client_processes,
-            client_cpu=None if client_cpu is None else round(client_cpu, 3))
+            client_cpu=None if client_cpu is None else round(client_cpu, 3),
+            host_busy_cpus=None if host_cpu is None else round(host_cpu[0], 2),
+            host_steal=None if host_cpu is None else round(host_cpu[1], 4))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -642,23 +646,24 @@ async def run_load(target: Target, workload: WorkloadLike, concurrency: int,
     times = None if rate is None else arrival_times(len(measured), rate, workload.seed)
     share = _Share(measured, concurrency, times)
     n = max(1, min(processes, concurrency, len(measured)))
+
+    async def window_start() -> tuple[dict[str, float] | None, HostCpuTimes | None]:
+        """The probe's counters and the host's CPU times as the measured requests start."""
+        return (await probe() if probe else None), HostCpuTimes.read()
+
     if n == 1:
-        before = await probe() if probe else None
-        host_before = HostCpuTimes.read()
+        before, host_before = await window_start()
         parts = [await _run_share(target, share,
                                   (lambda r: on_done(r.error is None)) if on_done else None)]
     else:
         async with _client_processes(target.spec, share.split(n)) as clients:
-            before = await probe() if probe else None
-            host_before = HostCpuTimes.read()
+            before, host_before = await window_start()
             parts = await clients.run(on_done)
     host_after = HostCpuTimes.read()
     result = LoadResult.from_records(
         concurrency, [r for p in parts for r in p.records], max(p.wall_s for p in parts), rate,
-        client_processes=n, client_cpu=max(p.cpu_s / p.wall_s for p in parts))
-    if host_before and host_after:
-        busy, steal = host_after.since(host_before)
-        result.host_busy_cpus, result.host_steal = round(busy, 2), round(steal, 4)
+        client_processes=n, client_cpu=max(p.cpu_s / p.wall_s for p in parts),
+        host_cpu=host_after.since(host_before) if host_before and host_after else None)
     if probe:
         after = await probe()
         result.counters = {k: after[k] - before.get(k, 0) for k in after}
