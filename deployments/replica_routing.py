@@ -44,6 +44,18 @@ ROUTER_CLASS = "mlx_serving.deployments.replica_routing:FreshQueueLengthRouter"
 _LIVE: weakref.WeakSet[FreshQueueLengthRouter] = weakref.WeakSet()
 
 
+def _ray_connection() -> tuple[str, str] | None:
+    """This process's Ray connection as (node, job), or None while Ray is down. A handle's
+    router outlives ``ray.shutdown()`` in a driver, and Ray may be started again in that
+    process (Serve's own long-poll client does, through auto-init, and may join another
+    cluster), so ``ray.is_initialized()`` alone cannot tell the refresher its Ray is gone."""
+    try:
+        context = ray.get_runtime_context()
+        return context.get_node_id(), context.get_job_id()
+    except RuntimeError:  # not initialized, or shut down in another thread meanwhile
+        return None
+
+
 def routing_views() -> dict[str, dict]:
     """What each ``FreshQueueLengthRouter`` of this process holds, by deployment name:
     every replica's cached queue length (None: none cached) and the refreshes done."""
@@ -63,6 +75,7 @@ class FreshQueueLengthRouter(PowerOfTwoChoicesRequestRouter):
         self.refreshes = 0  # rounds done
         self.missed = 0  # answers that did not come within their round (kept the old entry)
         self._refresher: asyncio.Task | None = None
+        self._connection: tuple[str, str] | None = None  # the Ray the refresher started in
         # Serve ships this class to its callers pickled, possibly by value, with a copy of
         # this module's globals: register with the module the caller's process imports.
         from mlx_serving.deployments import replica_routing
@@ -83,6 +96,7 @@ class FreshQueueLengthRouter(PowerOfTwoChoicesRequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)  # runs on the router's event loop
         if replicas and self._refresher is None:
+            self._connection = _ray_connection()
             self._refresher = self._event_loop.create_task(self._refresh_forever())
         elif not replicas and self._refresher is not None:  # the deployment went away
             self._refresher.cancel()
@@ -92,14 +106,19 @@ class FreshQueueLengthRouter(PowerOfTwoChoicesRequestRouter):
         while True:
             await asyncio.sleep(self.refresh_interval_s)
             # A handle's router outlives ray.shutdown() in its process (a driver's), and
-            # an actor call would start Ray again there (auto-init): stop instead.
-            if not ray.is_initialized():
+            # an actor call would start Ray again there (auto-init): stop instead, also
+            # when something else has started Ray again meanwhile.
+            if not self._connected():
                 self._refresher = None
                 return
             try:
                 await self.refresh()
             except Exception:  # never let the refresher die: routing would go stale again
                 log.exception("refreshing the replicas' queue lengths failed")
+
+    def _connected(self) -> bool:
+        """Whether Ray is still the connection the refresher started in."""
+        return self._connection is not None and _ray_connection() == self._connection
 
     async def refresh(self) -> None:
         """Ask every replica for its queue length (concurrently) and cache the answers; a
@@ -122,6 +141,6 @@ class FreshQueueLengthRouter(PowerOfTwoChoicesRequestRouter):
     async def _ask(self, replica: RunningReplica) -> int | None:
         # Checked in the same step as the actor call (get_queue_len makes it before its
         # first await): a ray.shutdown() in another thread has next to no moment between.
-        if not ray.is_initialized():
+        if not self._connected():
             return None
         return await replica.get_queue_len(deadline_s=self.refresh_interval_s)
