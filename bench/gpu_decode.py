@@ -66,6 +66,10 @@ def decode(model_path: str, batch: int, window_s: float) -> None:
                 started, cpu0 = time.perf_counter(), time.process_time()
             else:
                 steps += 1
+    if not steps:  # the prefill took the whole window
+        print(json.dumps({"error": f"no two steps decoded all {batch} sequences within "
+                                   f"{window_s} s: lengthen --window"}), flush=True)
+        return
     wall = time.perf_counter() - started
     print(json.dumps({"steps_s": steps / wall,
                       "cpu_per_wall": (time.process_time() - cpu0) / wall}), flush=True)
@@ -97,6 +101,9 @@ def run_group(args: argparse.Namespace, gpus: list[str], cpu_load: int) -> list[
             child.stdin.write("go\n")
             child.stdin.flush()
         answers = [json.loads(child.stdout.readline()) for child in children]
+        for gpu, answer in zip(gpus, answers):
+            if "error" in answer:
+                raise RuntimeError(f"the decode process on GPU {gpu}: {answer['error']}")
     finally:
         stop.set()
         for child in children:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mlx_serving.bench.gpu_decode import main
 
 
@@ -19,3 +21,9 @@ def test_each_group_reports_every_process_rate_alone_and_beside_busy_cpus(tiny_m
         ("0", "0", 1), ("0,1", "0", 1), ("0,1", "1", 1)]
     assert all(r["steps_s"] > 0 and 0 < r["cpu_per_wall"] < 4 for r in rates), rates
     assert capsys.readouterr().out.count("steps/s") == 6
+
+
+def test_a_window_too_short_for_a_full_step_says_so(tiny_model_path):
+    with pytest.raises(RuntimeError, match="GPU 0: no two steps decoded all 64 sequences "
+                                           "within 0.001 s: lengthen --window"):
+        main(["--model", str(tiny_model_path), "--batch", "64", "--window", "0.001"])
