@@ -13,6 +13,11 @@ import mlx_serving.engine  # noqa: F401, E402
 from mlx_serving.deployments.serve_env import serve_env  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No Ray started behind a test's back: once a driver's ray.shutdown() has run, a Serve handle's
+# long-poll thread would start Ray again (auto-init), join the session's cluster and make its
+# teardown fail ("Removing a node that is connected to this Ray client"). Ray reads it once,
+# on import; every Ray call here and in the tests' child processes then needs a ray.init.
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 # Serve's mode as `make run` picks it (`make test` sets it already), before anything imports
 # ray.serve, which reads it once: the test Ray cluster and this process's handles use it
 os.environ.update(serve_env())
