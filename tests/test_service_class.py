@@ -6,7 +6,7 @@ import pytest
 
 from mlx_serving.deployments.errors import HTTPError
 from mlx_serving.deployments.protocol import ChatCompletionRequest
-from mlx_serving.deployments.router import service_class
+from mlx_serving.deployments.request_checks import service_class
 
 
 def body(**fields) -> ChatCompletionRequest:
