@@ -33,12 +33,15 @@ import httpx
 import numpy as np
 
 from mlx_serving.bench.host_cpu import HostCpuTimes
-from mlx_serving.engine import Engine, EngineProcess, GenerationRequest, SamplingParams
 
+# The engine (and mlx-lm, 1.6 s to import) is imported only where a level drives an engine, not
+# in the spawned load-client processes.
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
     from multiprocessing.process import BaseProcess
     from multiprocessing.synchronize import Event as ProcessEvent
+
+    from mlx_serving.engine import Engine, EngineProcess, GenerationRequest
 
 # Common English words: each is one token (with its leading space) in most BPE vocabularies.
 _WORDS = """the of and to in is was for on that with as by at from his her they this had not
@@ -240,6 +243,8 @@ class HttpTarget:
 
 def generation_request(spec: RequestSpec, model: str | None = None) -> GenerationRequest:
     """The engine request for ``spec``: greedy, exactly ``max_tokens`` tokens (EOS ignored)."""
+    from mlx_serving.engine import GenerationRequest, SamplingParams
+
     params = SamplingParams(max_tokens=spec.max_tokens, temperature=0, ignore_eos=True)
     if spec.chat:
         return GenerationRequest(model=model, params=params, messages=spec.messages())

@@ -7,6 +7,8 @@ import json
 import multiprocessing
 import pickle
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -214,6 +216,33 @@ def test_a_client_process_that_dies_fails_the_level(server):
         http_run(server.url, Workload(requests=40, warmup=0, prompt_tokens=8), concurrency=2,
                  processes=2, on_done=kill_one)
     assert killed and not client_processes_left()  # the other one was stopped too
+
+
+# A client process unpickles its target and share from the load generator's module: that must
+# not import mlx-lm (1.6 s, paid by every client process at every level) or the engine.
+SPAWNED_CLIENT = """
+import multiprocessing, sys
+def imported(queue):
+    import mlx_serving.bench.loadgen  # noqa: F401
+    queue.put(sorted(m for m in ("mlx", "mlx_lm", "mlx_serving.engine") if m in sys.modules))
+if __name__ == "__main__":
+    import mlx_serving.bench  # noqa: F401  the parent, as `mlx-serving bench` has it
+    assert "mlx_lm" in sys.modules  # imported under engine.fd_limits' guard
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=imported, args=(queue,))
+    child.start()
+    print(queue.get(timeout=120))
+    child.join()
+"""
+
+
+def test_a_client_process_imports_neither_mlx_nor_the_engine(tmp_path):
+    script = tmp_path / "spawned.py"
+    script.write_text(SPAWNED_CLIENT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=180, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 class LocalTarget:
