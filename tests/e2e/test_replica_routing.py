@@ -11,6 +11,7 @@ every Router's view follows the replicas: it comes back to zero once the burst i
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import subprocess
 import sys
 
@@ -102,15 +103,22 @@ def test_every_variant_routes_on_fresh_queue_lengths_unless_it_says_otherwise(se
 
 # A driver's handle keeps its router after ray.shutdown(); its refresher's actor calls would
 # start Ray again in that process (Ray's auto-init), as the test session's own teardown
-# found: the refresher stops once Ray is shut down. Ray may also be started again by
-# something else before the refresher looks (Serve's own long-poll client did, on the
-# routers' event loop, and joined the test session's cluster in CI): the refresher stops
-# then too, since its Ray is gone. "restart" does that on the routers' loop, so the
-# refresher never sees Ray down.
+# found: the refresher stops once Ray is shut down, and never starts Ray itself (the child
+# runs with auto-init on, as a user's driver does, and counts the ray.init calls made from
+# replica_routing). Ray may also be started again by something else before the refresher
+# looks (Serve's own long-poll client did, on the routers' event loop, and joined the test
+# session's cluster in CI): the refresher stops then too, since its Ray is gone. "restart"
+# does that on the routers' loop, so the refresher never sees Ray down.
 AFTER_SHUTDOWN = """
-import asyncio, sys, time, ray
+import asyncio, sys, time, traceback, ray
 from ray import serve
 from mlx_serving.deployments import replica_routing
+ray_init, by_refresher = ray.init, []
+def counted_init(*args, **kwargs):
+    if any(f.filename.endswith("replica_routing.py") for f in traceback.extract_stack()):
+        by_refresher.append(1)
+    return ray_init(*args, **kwargs)
+ray.init = counted_init  # auto-init calls ray.init()
 def start_ray():
     ray.init(address="local", num_cpus=1, include_dashboard=False)
 start_ray()
@@ -152,6 +160,7 @@ while any(r._refresher is not None for r in replica_routing._LIVE):
 time.sleep(0.5)
 print("rounds after shutdown:", replica_routing.routing_views()["Echo"]["refreshes"] - rounds)
 print("refreshing:", [r._refresher is not None for r in replica_routing._LIVE])
+print("Ray started by the refresher:", len(by_refresher))
 ray.shutdown()
 """
 
@@ -159,8 +168,10 @@ ray.shutdown()
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["shutdown", "restart"])
 def test_a_drivers_refresher_stops_when_its_ray_is_gone(tmp_path, how):
+    # auto-init on (the test process has it off), and a Ray it starts is the child's own
+    env = {**os.environ, "RAY_ENABLE_AUTO_CONNECT": "1", "RAY_ADDRESS": "local"}
     done = subprocess.run([sys.executable, "-c", AFTER_SHUTDOWN, how], capture_output=True,
-                          text=True, timeout=240, cwd=tmp_path)
+                          text=True, timeout=240, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "rounds after shutdown: 0\nrefreshing: [False]" in done.stdout, \
-        done.stdout + done.stderr[-3000:]
+    assert ("rounds after shutdown: 0\nrefreshing: [False]\nRay started by the refresher: 0"
+            in done.stdout), done.stdout + done.stderr[-3000:]
