@@ -317,8 +317,8 @@ def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -
                     part += (f", admitted to decoding {1000 * mean(TO_DECODE):.0f} ms "
                              f"({mean(TO_DECODE_STEPS):.1f} steps), then "
                              f"{mean(TO_TOKEN_STEPS):.1f} steps to the first token")
-            seconds = [sum(of_metric(counters, engine_seconds(a)).values())
-                       for a in ENGINE_ACTIVITIES]
+            by_activity = [of_metric(counters, engine_seconds(a)) for a in ENGINE_ACTIVITIES]
+            seconds = [sum(by_replica.values()) for by_replica in by_activity]
             if any(seconds):
                 wall = r.duration_s * len(tokens)
                 part += (f", engine time % {' / '.join(ENGINE_ACTIVITIES)} "
@@ -330,8 +330,8 @@ def replica_shares(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -
                     f"{in_engine.get(rep, 0.0) / r.duration_s:.1f}" for rep in order)
             thread_cpu = of_metric(counters, THREAD_CPU)
             process_cpu = of_metric(counters, PROCESS_CPU)
-            busy = {rep: sum(of_metric(counters, engine_seconds(a)).get(rep, 0.0)
-                             for a in ENGINE_ACTIVITIES) for rep in order}
+            busy = {rep: sum(by_replica.get(rep, 0.0) for by_replica in by_activity)
+                    for rep in order}
             if thread_cpu and all(busy.values()):
                 part += ", engine thread CPU per busy s / process CPU per s " + ", ".join(
                     f"{thread_cpu.get(rep, 0.0) / busy[rep]:.2f}/"
