@@ -50,13 +50,11 @@ def _ray_connection() -> tuple[str, str] | None:
     router outlives ``ray.shutdown()`` in a driver, and Ray may be started again in that
     process (Serve's own long-poll client does, through auto-init, and may join another
     cluster), so ``ray.is_initialized()`` alone cannot tell the refresher its Ray is gone."""
-    if not ray.is_initialized():
-        return None
     try:
         # ray.runtime_context's own function: ray.get_runtime_context would start Ray again
         context = runtime_context.get_runtime_context()
         return context.get_node_id(), context.get_job_id()
-    except RuntimeError:  # shut down in another thread meanwhile
+    except RuntimeError:  # Ray is not initialized (both getters check it)
         return None
 
 
