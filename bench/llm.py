@@ -166,7 +166,9 @@ async def sweep_endpoint(endpoint: Endpoint, args: argparse.Namespace, levels: l
             results.append(r)
             if on_level:
                 on_level(results)
-            print(f"{endpoint.name} {label}: {r.output_tok_s:,.1f} tok/s, TTFT p50 "
+            steady = ("" if r.steady_tok_s is None else
+                      f" ({r.steady_tok_s:,.1f} before the drain, {r.steady_s:.1f} s)")
+            print(f"{endpoint.name} {label}: {r.output_tok_s:,.1f} tok/s{steady}, TTFT p50 "
                   f"{r.ttft_ms['p50'] or 0:,.0f} ms, {r.requests_ok} ok, {r.requests_failed} "
                   f"failed, {r.requests_short} short, {client_use(r)}; load before "
                   f"{loads[-1]}", file=sys.stderr)
@@ -215,6 +217,12 @@ def client_lines(runs: dict[str, list[list[LoadResult]]], levels: list[str]) -> 
                      "processes per level: " + ", ".join(
                          f"{level} {_client_cpu(r)} ({r.client_processes})"
                          for level, r in shown))
+        if any(r.steady_tok_s is not None for _, r in shown):
+            lines.append(f"- output tok/s before the drain (until the first client sent its "
+                         f"last request), {label}: " + ", ".join(
+                             f"{level} -" if r.steady_tok_s is None else
+                             f"{level} {r.steady_tok_s:,.1f} ({r.steady_s:.1f} of "
+                             f"{r.duration_s:.1f} s)" for level, r in shown))
         if any(r.host_busy_cpus is not None for _, r in shown):
             lines.append(f"- host CPU during each level, {label}: " + ", ".join(
                 f"{level} {'-' if r.host_busy_cpus is None else host_use(r)}"

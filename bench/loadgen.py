@@ -563,6 +563,14 @@ class LoadResult:
     mean number of the machine's CPUs busy during the level, all processes counted, and
     ``host_steal`` the share of its CPU time a hypervisor gave to other guests (None where
     the OS does not tell: macOS).
+
+    ``steady_tok_s`` is the output tokens/s of a closed-loop level before its drain: from
+    its start until the first client ran out of requests to send (``steady_s`` seconds),
+    after which fewer requests are in flight than the level holds and the last ones finish
+    on their own. A request's tokens count as spread evenly between its first and last
+    chunk. On several replicas the drain lasts longer than on one (each replica's last
+    requests end at a different time), so it separates the replicas' rate from the end of
+    a level of fixed size (None: an open-loop level, or no request sent).
     """
 
     concurrency: int
@@ -585,15 +593,20 @@ class LoadResult:
     client_cpu: float | None = None
     host_busy_cpus: float | None = None
     host_steal: float | None = None
+    steady_tok_s: float | None = None
+    steady_s: float | None = None
 
     @classmethod
     def from_records(cls, concurrency: int, records: list[_Record], duration_s: float,
                      rate: float | None = None, *, client_processes: int = 1,
                      client_cpu: float | None = None,
-                     host_cpu: tuple[float, float] | None = None) -> LoadResult:
-        """The result of ``records``; ``host_cpu`` is (busy CPUs, stolen share), if known."""
+                     host_cpu: tuple[float, float] | None = None,
+                     steady_until: float | None = None) -> LoadResult:
+        """The result of ``records``; ``host_cpu`` is (busy CPUs, stolen share), if known;
+        ``steady_until`` is when the drain began (seconds from the level's start)."""
         ok = [r for r in records if r.error is None]
         tokens = sum(r.tokens for r in ok)
+        steady = steady_until is not None and steady_until > 0
         prompts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
         return cls(
             concurrency=concurrency, requests_ok=len(ok), requests_failed=len(records) - len(ok),
@@ -610,10 +623,27 @@ class LoadResult:
             client_processes=client_processes,
             client_cpu=None if client_cpu is None else round(client_cpu, 3),
             host_busy_cpus=None if host_cpu is None else round(host_cpu[0], 2),
-            host_steal=None if host_cpu is None else round(host_cpu[1], 4))
+            host_steal=None if host_cpu is None else round(host_cpu[1], 4),
+            steady_tok_s=round(_tokens_until(ok, steady_until) / steady_until, 2)
+            if steady else None,
+            steady_s=round(steady_until, 4) if steady else None)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _tokens_until(records: list[_Record], until: float) -> float:
+    """The output tokens of ``records`` that arrived by ``until``, each request's tokens
+    spread evenly between its first and its last chunk."""
+    total = 0.0
+    for r in records:
+        if r.first is None or r.first > until:
+            continue
+        if r.last is None or r.last <= until or r.tokens < 2:
+            total += r.tokens
+        else:
+            total += 1 + (r.tokens - 1) * (until - r.first) / (r.last - r.first)
+    return total
 
 
 Probe = Callable[[], Awaitable[dict[str, float]]]
@@ -665,10 +695,13 @@ async def run_load(target: Target, workload: WorkloadLike, concurrency: int,
             before, host_before = await window_start()
             parts = await clients.run(on_done)
     host_after = HostCpuTimes.read()
+    # the drain begins as the first client sends its last request (closed loop only)
+    sent_last = [max(r.start for r in p.records) for p in parts if p.records]
     result = LoadResult.from_records(
         concurrency, [r for p in parts for r in p.records], max(p.wall_s for p in parts), rate,
         client_processes=n, client_cpu=max(p.cpu_s / p.wall_s for p in parts),
-        host_cpu=host_after.since(host_before) if host_before and host_after else None)
+        host_cpu=host_after.since(host_before) if host_before and host_after else None,
+        steady_until=min(sent_last) if rate is None and sent_last else None)
     if probe:
         after = await probe()
         result.counters = {k: after[k] - before.get(k, 0) for k in after}

@@ -315,6 +315,14 @@ def test_the_hosts_busy_cpus_are_reported_with_any_stolen_time():
         "c=512 41.2 CPUs busy, 3.1% stolen")
 
 
+def test_the_throughput_before_the_drain_is_reported_beside_the_levels():
+    full = result(512, 9e3, client_cpu=0.2, steady_tok_s=10_512.25, steady_s=19.5)
+    full.duration_s = 24.5
+    lines = client_lines({"ours": [[result(8, 10.0, client_cpu=0.4)], [full]]}, ["c=8", "c=512"])
+    assert lines[1] == ("- output tok/s before the drain (until the first client sent its last "
+                        "request), ours: c=8 -, c=512 10,512.2 (19.5 of 24.5 s)")
+
+
 @pytest.fixture(scope="module")
 def mlx_lm_server(tiny_model_path):
     with start_mlx_lm(ServerOptions(str(tiny_model_path), startup_timeout_s=120)) as endpoint:
@@ -336,6 +344,8 @@ def test_bench_llm_against_mlx_lm_server(mlx_lm_server, tiny_model_path, tmp_pat
     assert re.search(rf"lm c=1: .*\(1 process\){host}; load before", printed.err)
     assert re.search(rf"lm c=3: .*\(2 processes\){host}; load before", printed.err)
     assert "- load client, lm: " in report
+    assert "- output tok/s before the drain (until the first client sent its last request), " \
+        "lm: c=1 " in report
     assert ("- host CPU during each level, lm: c=1 " in report) == (sys.platform == "linux")
 
     saved = json.loads((out / "results.json").read_text())

@@ -20,8 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from mlx_serving.bench.loadgen import (EngineTarget, HttpTarget, HttpTargetSpec, Workload,
-                                       arrival_times, format_table, main, run_load, sweep)
+from mlx_serving.bench.loadgen import (EngineTarget, HttpTarget, HttpTargetSpec, LoadResult,
+                                       Workload, _Record, arrival_times, format_table, main,
+                                       run_load, sweep)
 from mlx_serving.engine import Engine, EngineConfig, EngineProcess, ModelConfig
 
 CHUNKS, TOKENS_PER_CHUNK = 4, 3           # each response: 12 tokens, coalesced 3 to a chunk
@@ -187,6 +188,9 @@ def test_two_client_processes_send_what_one_does(server):
     assert FIRST_DELAY_S * 1e3 * 0.9 < two.ttft_ms["p50"] < 1000
     # 3 streams split 2 + 1, the requests 8 + 4: both processes take as long as one did
     assert two.duration_s < 1.5 * one.duration_s + 0.1
+    # the drain starts when a process has sent its last request: before the level's end
+    for result in (one, two):
+        assert 0 < result.steady_s < result.duration_s and result.steady_tok_s > 0, result
     assert not client_processes_left()
 
 
@@ -196,6 +200,7 @@ def test_open_loop_over_client_processes_keeps_the_arrival_times(server):
 
     assert (result.requests_ok, result.rate, result.output_tokens) == (8, 40.0, 8 * TOKENS)
     assert result.client_processes == 2  # at most one process per request in flight
+    assert result.steady_tok_s is None  # an open loop has no drain to leave out
     assert len(server.bodies) == 8
     # the last request was not sent before its arrival time, and took a response's time
     assert result.duration_s >= arrival_times(8, 40.0, seed=5)[-1] + FIRST_DELAY_S
@@ -383,3 +388,17 @@ def test_max_tokens_spread_varies_lengths_not_prompts():
     assert len(set(lengths)) > 20 and 90 <= sum(lengths) / len(lengths) <= 110
     assert lengths == [s.max_tokens for s in spread.specs()[1]]  # seeded: every path alike
     assert {s.max_tokens for s in a} == {100}
+
+
+def test_steady_throughput_leaves_out_the_drain():
+    """Tokens before the drain count as spread evenly between a request's first and last
+    chunk; a request whose first token comes later counts none."""
+    records = [_Record(start=0.0, first=1.0, last=3.0, end=3.0, tokens=5, asked=5),
+               _Record(start=0.5, first=1.5, last=1.5, end=1.5, tokens=1, asked=1),
+               _Record(start=2.0, first=2.5, last=6.5, end=6.5, tokens=9, asked=9),
+               _Record(start=0.2, end=0.4, error="http_500")]
+    result = LoadResult.from_records(2, records, duration_s=6.5, steady_until=2.0)
+
+    assert result.output_tokens == 15 and result.output_tok_s == pytest.approx(15 / 6.5, rel=0.01)
+    assert (result.steady_s, result.steady_tok_s) == (2.0, pytest.approx((1 + 4 / 2 + 1) / 2))
+    assert LoadResult.from_records(2, records, duration_s=6.5).steady_tok_s is None
