@@ -32,6 +32,8 @@
 #                                   (one load-client process per GPU; GPUS_CLIENTS overrides)
 #         gpus-pow2-N               gpus-N with the Routers on Serve's own request router
 #                                   instead of FreshQueueLengthRouter
+#         gpus-two-N                gpus-N with FreshQueueLengthRouter comparing two random
+#                                   replicas (choices: 2) instead of all of them
 #         decode-rate               raw BatchGenerator decode steps/s on 1, 2 and all GPUs at
 #                                   once, then beside 16 busy CPUs (bench.gpu_decode)
 #         canary-gpus               the canary rollback drill, stable and canary on a GPU each
@@ -96,6 +98,9 @@ for step in "$@"; do
       n=${step#gpus-}; flags=()
       [[ $n == pow2-* ]] && { n=${n#pow2-}; flags+=(--deployment "request_router_config=\
 {request_router_class: 'ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter'}"); }
+      [[ $n == two-* ]] && { n=${n#two-}; flags+=(--deployment "request_router_config=\
+{request_router_class: 'mlx_serving.deployments.replica_routing:FreshQueueLengthRouter', \
+request_router_kwargs: {choices: 2}}"); }
       path=$(model 8b)
       "$py" -m mlx_serving.deployments.cli bench llm --compare --servers ours --model-path "$path" \
         --replicas "$n" --gpus-per-replica 1 --concurrency ${GPUS_LEVELS:-32 64 128 256} \

