@@ -25,7 +25,7 @@ from typing import Callable, ContextManager, Iterator
 
 import yaml
 
-from mlx_serving.bench.loadgen import HttpTarget, LoadResult, Workload, run_load
+from mlx_serving.bench.loadgen import HttpTarget, LoadResult, Probe, Workload, run_load
 from mlx_serving.bench.report import (describe_environment, environment, load_average,
                                       median_run, ratio_table)
 from mlx_serving.bench.servers import (SERVER_NAMES, STARTERS, Endpoint, ServerOptions,
@@ -129,6 +129,15 @@ async def wait_quiet(limit: float | None) -> tuple[float, float, float] | None:
     return load
 
 
+def _replica_probe(url: str) -> Probe:
+    """Reads each of our replicas' engine counters (the level keeps their change)."""
+    from mlx_serving.bench.replicas import PROBED, settled_counters_by_replica
+
+    async def probe() -> dict[str, float]:
+        return await settled_counters_by_replica(url, names=PROBED)
+    return probe
+
+
 async def sweep_endpoint(endpoint: Endpoint, args: argparse.Namespace, levels: list[Level],
                          loads: list, on_level: Callable[[list[LoadResult]], None] | None = None
                          ) -> list[LoadResult]:
@@ -137,12 +146,7 @@ async def sweep_endpoint(endpoint: Endpoint, args: argparse.Namespace, levels: l
     from tqdm import tqdm
 
     results = []
-    probe = None
-    if endpoint.name == SERVER_NAMES["ours"]:
-        from mlx_serving.bench.replicas import PROBED, settled_counters_by_replica
-
-        async def probe():   # each replica's engine counters over the level
-            return await settled_counters_by_replica(endpoint.url, names=PROBED)
+    probe = _replica_probe(endpoint.url) if endpoint.name == SERVER_NAMES["ours"] else None
     async with HttpTarget(endpoint.url, endpoint.model, args.api_key,
                           max_connections=max(lv.concurrency for lv in levels) + 8,
                           extra_body=endpoint.extra_body) as target:

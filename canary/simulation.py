@@ -14,7 +14,6 @@ Deterministic for a given seed.
 from __future__ import annotations
 
 import math
-import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np

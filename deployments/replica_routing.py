@@ -41,7 +41,6 @@ import logging
 import random
 import weakref
 
-import ray
 from ray import runtime_context
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, RunningReplica

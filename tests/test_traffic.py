@@ -86,7 +86,7 @@ def test_the_watch_started_inside_a_request_does_not_carry_its_request_id():
     """Regression: the watch starts lazily on a request's first use of the table. Its tasks
     inherited that request's Serve context, so every long-poll to the controller was
     logged under the id of whichever request happened to start it."""
-    from ray.serve.context import _get_serve_request_context, _RequestContext, _set_request_context
+    from ray.serve.context import _get_serve_request_context, _set_request_context
 
     seen = []
 

@@ -8,7 +8,6 @@ the statistics are the same code the default plan runs (docs/CANARY.md).
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import time
 import uuid
