@@ -114,9 +114,7 @@ class FreshQueueLengthRouter(PowerOfTwoChoicesRequestRouter):
                               ) -> list[list[RunningReplica]]:
         """The replicas a request compares, in a random order (Serve takes the first of
         the shortest): ``choices`` of them, or all, among those Serve's multiplexing and
-        locality preferences allow."""
-        if self.choices == 2:
-            return await super().choose_replicas(candidate_replicas, pending_request)
+        locality preferences allow (Serve's own two choices take the same candidates)."""
         if pending_request is not None and pending_request.metadata.multiplexed_model_id:
             ids = list(self.apply_multiplex_routing(pending_request=pending_request))
         else:
