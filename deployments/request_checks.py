@@ -51,16 +51,18 @@ def _bearer(request: Request) -> bytes | None:
 
 async def read_json(request: Request, limit: int, empty: Any = None) -> Any:
     """The body as JSON, within ``limit`` bytes; ``empty`` (if given) for an empty body."""
+    def too_large() -> HTTPError:
+        return HTTPError(413, f"request body exceeds {limit} bytes",
+                         type="invalid_request_error", code="body_too_large")
+
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise HTTPError(413, f"request body exceeds {limit} bytes", type="invalid_request_error",
-                        code="body_too_large")
+        raise too_large()
     body = bytearray()
     async for part in request.stream():
         body += part
         if len(body) > limit:
-            raise HTTPError(413, f"request body exceeds {limit} bytes",
-                            type="invalid_request_error", code="body_too_large")
+            raise too_large()
     if not body and empty is not None:
         return empty
     try:
