@@ -7,7 +7,11 @@ together for ``--window`` seconds and report their decode steps per second and t
 seconds per second (a step is host work on one core: building the graph and launching its
 kernels, so a loop near 1.0 is bound by its core). ``--cpu-load K`` adds a run of each
 group beside K processes spinning on a core each, as a serving stack's Routers, proxy and
-load client would. No Ray, no engine.
+load client would. No Ray. ``--driver engine`` decodes through our ``Engine`` instead (its
+scheduler thread, detokenizing and streaming every token), ``--driver engine-process`` through
+``EngineProcess`` as a replica on a GPU does (the engine in a child process, each step's
+tokens forwarded to the parent): together they tell whether what slows replicas beside others
+is the decoding, the engine, or the serving path around it.
 
     python -m mlx_serving.bench.gpu_decode --model PATH --groups 0 0,1 0,1,2,3 --cpu-load 16
 """
@@ -15,6 +19,7 @@ load client would. No Ray, no engine.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing
 import os
@@ -33,6 +38,7 @@ class DecodeRate:
     cpu_load: int
     steps_s: float
     cpu_per_wall: float
+    driver: str = "raw"
 
 
 def decode(model_path: str, batch: int, window_s: float) -> None:
@@ -75,6 +81,70 @@ def decode(model_path: str, batch: int, window_s: float) -> None:
                       "cpu_per_wall": (time.process_time() - cpu0) / wall}), flush=True)
 
 
+def decode_engine(model_path: str, batch: int, window_s: float, in_process: bool) -> None:
+    """Child, ``--driver engine[-process]``: as ``decode``, with ``batch`` requests of the
+    engine streaming at once; the rate is the engine's steps over the window, which starts
+    once every sequence has joined the batch (a step then makes ``batch`` tokens)."""
+    from mlx_serving.bench.engine import make_prompts
+    from mlx_serving.engine import (
+        Engine, EngineConfig, GenerationRequest, ModelConfig, SamplingParams)
+    from mlx_serving.engine.process import EngineProcess
+
+    config = EngineConfig(models=[ModelConfig(name="bench", path=model_path)],
+                          max_batch_size=batch, prefill_batch_size=16, prompt_cache_bytes=0)
+    engine = Engine(config) if in_process else EngineProcess(config)
+    prompts = make_prompts(batch, 128, engine.list_models()[0].vocab_size)
+
+    async def stream_all(max_tokens: int, measure: bool) -> dict | None:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+        async def one(prompt: list[int]) -> None:
+            async for _ in engine.generate(GenerationRequest(prompt=prompt, params=params)):
+                pass
+
+        streams = [asyncio.create_task(one(p)) for p in prompts]
+        if not measure:
+            await asyncio.gather(*streams)
+            return None
+        try:
+            full = await _first_full_step(engine, batch)
+            start, wall = time.perf_counter(), 0.0
+            while wall < window_s:
+                await asyncio.sleep(min(0.1, window_s - wall))
+                end, wall = engine.stats(), time.perf_counter() - start
+                if end.finished > full.finished:
+                    return {"error": f"a request ended within the {window_s} s window: "
+                                     "shorten --window"}
+        finally:
+            for s in streams:
+                s.cancel()
+        # the engine's own process: this one, or the child of an EngineProcess
+        return {"steps_s": (end.steps - full.steps) / wall,
+                "cpu_per_wall": (end.process_cpu_s - full.process_cpu_s) / wall}
+
+    asyncio.run(stream_all(40, measure=False))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    print(json.dumps(asyncio.run(stream_all(_ENGINE_MAX_TOKENS, measure=True))), flush=True)
+
+
+# Long enough for a 20-s window at 40 steps/s, short enough for a KV reservation of 128
+# sequences of an 8B model (19 GB) within the default budget (half of an 80-GB GPU)
+_ENGINE_MAX_TOKENS = 1024
+
+
+async def _first_full_step(engine, batch: int):
+    """The engine's stats once a step has made a token for all ``batch`` sequences."""
+    before = engine.stats()
+    while True:
+        await asyncio.sleep(0.005)
+        now = engine.stats()
+        if now.steps > before.steps and now.generated_tokens - before.generated_tokens == \
+                batch * (now.steps - before.steps):
+            return now
+        before = now
+
+
 def _spin(stop) -> None:
     while not stop.is_set():
         sum(range(10_000))
@@ -85,7 +155,7 @@ def run_group(args: argparse.Namespace, gpus: list[str], cpu_load: int) -> list[
     spinning processes."""
     children = [subprocess.Popen(
         [sys.executable, "-m", "mlx_serving.bench.gpu_decode", "--child", "--model", args.model,
-         "--batch", str(args.batch), "--window", str(args.window)],
+         "--batch", str(args.batch), "--window", str(args.window), "--driver", args.driver],
         env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}, stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True) for gpu in gpus]
     stop = multiprocessing.Event()
@@ -113,7 +183,7 @@ def run_group(args: argparse.Namespace, gpus: list[str], cpu_load: int) -> list[
             s.join(5)
     group = ",".join(gpus)
     return [DecodeRate(group, gpu, cpu_load, round(a["steps_s"], 2),
-                       round(a["cpu_per_wall"], 2)) for gpu, a in zip(gpus, answers)]
+                       round(a["cpu_per_wall"], 2), args.driver) for gpu, a in zip(gpus, answers)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,11 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=float, default=20.0, help="seconds of decoding")
     p.add_argument("--cpu-load", type=int, default=0,
                    help="also run each group beside this many processes spinning on a core")
+    p.add_argument("--driver", choices=["raw", "engine", "engine-process"], default="raw",
+                   help="what decodes: mlx-lm's BatchGenerator in a loop, our Engine, or our "
+                        "Engine in a child process (EngineProcess, a GPU replica's)")
     p.add_argument("--json", help="write the rates here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        decode(args.model, args.batch, args.window)
+        if args.driver == "raw":
+            decode(args.model, args.batch, args.window)
+        else:
+            decode_engine(args.model, args.batch, args.window, args.driver == "engine")
         return 0
     rates = []
     for loads in ([0, args.cpu_load] if args.cpu_load else [0]):
@@ -137,13 +213,14 @@ def main(argv: list[str] | None = None) -> int:
             group_rates = run_group(args, group.split(","), loads)
             rates += group_rates
             for r in group_rates:
-                print(f"GPUs {r.group:<10} beside {r.cpu_load:>3} busy CPUs: GPU {r.gpu} "
-                      f"{r.steps_s:6.2f} steps/s, process CPU per second {r.cpu_per_wall:.2f}",
-                      flush=True)
+                print(f"{r.driver}: GPUs {r.group:<10} beside {r.cpu_load:>3} busy CPUs: "
+                      f"GPU {r.gpu} {r.steps_s:6.2f} steps/s, process CPU per second "
+                      f"{r.cpu_per_wall:.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "batch": args.batch, "window_s": args.window,
-                       "cpus": os.cpu_count(), "rates": [asdict(r) for r in rates]}, f, indent=1)
+            json.dump({"model": args.model, "driver": args.driver, "batch": args.batch,
+                       "window_s": args.window, "cpus": os.cpu_count(),
+                       "rates": [asdict(r) for r in rates]}, f, indent=1)
     return 0
 
 

@@ -27,3 +27,22 @@ def test_a_window_too_short_for_a_full_step_says_so(tiny_model_path):
     with pytest.raises(RuntimeError, match="GPU 0: no two steps decoded all 64 sequences "
                                            "within 0.001 s: lengthen --window"):
         main(["--model", str(tiny_model_path), "--batch", "64", "--window", "0.001"])
+
+
+@pytest.mark.parametrize("driver", ["engine", "engine-process"])
+def test_the_engine_drivers_report_full_batch_steps_of_the_engine(tiny_model_path, tmp_path,
+                                                                   driver):
+    out = tmp_path / "rates.json"
+    assert main(["--model", str(tiny_model_path), "--groups", "0", "0,1", "--batch", "4",
+                 "--window", "1", "--driver", driver, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["driver"] == driver
+    assert [(r["group"], r["gpu"], r["driver"]) for r in result["rates"]] == [
+        ("0", "0", driver), ("0,1", "0", driver), ("0,1", "1", driver)]
+    assert all(r["steps_s"] > 0 and 0 < r["cpu_per_wall"] < 4 for r in result["rates"])
+
+
+def test_an_engine_window_longer_than_the_requests_says_so(tiny_model_path):
+    with pytest.raises(RuntimeError, match="GPU 0: a request ended within the 600.0 s window"):
+        main(["--model", str(tiny_model_path), "--batch", "2", "--window", "600",
+              "--driver", "engine"])
