@@ -36,6 +36,9 @@
 #                                   replicas (choices: 2) instead of all of them
 #         decode-rate               raw BatchGenerator decode steps/s on 1, 2 and all GPUs at
 #                                   once, then beside 16 busy CPUs (bench.gpu_decode)
+#         decode-rate-engine        the same through our Engine (batch 128 streams), 1 and all
+#                                   GPUs; decode-rate-process through EngineProcess, as a
+#                                   replica on a GPU runs it
 #         canary-gpus               the canary rollback drill, stable and canary on a GPU each
 #         process-SIZE              engine in-process vs in a child process, no Ray
 #         prefix-SIZE               the engine's prefix cache off and on, in-process, chat
@@ -113,6 +116,11 @@ request_router_kwargs: {choices: 2}}"); }
       "$py" -m mlx_serving.bench.gpu_decode --model "$path" --groups 0 0,1 \
         "$(seq -s, 0 $((gpus - 1)))" --cpu-load 16 --json "$out/decode-rate.json" \
         | tee "$out/decode-rate.md" ;;
+    decode-rate-engine|decode-rate-process)
+      path=$(model 8b); gpus=$(nvidia-smi -L | wc -l); driver=engine
+      [ "$step" = decode-rate-process ] && driver=engine-process
+      "$py" -m mlx_serving.bench.gpu_decode --model "$path" --driver $driver --groups 0 \
+        "$(seq -s, 0 $((gpus - 1)))" --json "$out/$step.json" | tee "$out/$step.md" ;;
     canary-gpus)
       path=$(model 8b)
       "$py" -m mlx_serving.bench.canary_gpus --model "$path" --stable-replicas 1 \
