@@ -29,7 +29,9 @@
 #                                   GPUS_REPEATS override the levels and the repeats, GPUS_ARGS
 #                                   adds bench llm flags, e.g. "--deployment
 #                                   max_ongoing_requests=136")
-#                                   (one load-client process per GPU; GPUS_CLIENTS overrides)
+#                                   (one load-client process per GPU; GPUS_CLIENTS overrides;
+#                                   batch 160, room above 128 streams per GPU for the Routers'
+#                                   uneven shares; GPUS_BATCH overrides, 128 was runs 6-20's)
 #         gpus-pow2-N               gpus-N with the Routers on Serve's own request router
 #                                   instead of FreshQueueLengthRouter
 #         gpus-two-N                gpus-N with FreshQueueLengthRouter comparing two random
@@ -107,8 +109,8 @@ request_router_kwargs: {choices: 2}}"); }
       path=$(model 8b)
       "$py" -m mlx_serving.deployments.cli bench llm --compare --servers ours --model-path "$path" \
         --replicas "$n" --gpus-per-replica 1 --concurrency ${GPUS_LEVELS:-32 64 128 256} \
-        --client-processes "${GPUS_CLIENTS:-$n}" \
-        --repeats "${GPUS_REPEATS:-1}" --max-batch-size 128 "${flags[@]}" ${GPUS_ARGS:-} \
+        --client-processes "${GPUS_CLIENTS:-$n}" --repeats "${GPUS_REPEATS:-1}" \
+        --max-batch-size "${GPUS_BATCH:-160}" "${flags[@]}" ${GPUS_ARGS:-} \
         --engine prefill_batch_size=16 --no-progress --no-plots --out "$out/$step" \
         --title "$step" | tail -n 20 ;;
     decode-rate)
