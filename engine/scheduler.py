@@ -32,6 +32,7 @@ from mlx_serving.engine.sequence import (DeadlineHeap, PauseReason, Sequence, Se
                                          WaitQueue)
 from mlx_serving.engine.stop_strings import StopStringMatcher
 from mlx_serving.engine.stream import wake
+from mlx_serving.engine.thread_names import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ class Scheduler:
         mx.clear_cache()
 
     def _run(self) -> None:
+        name_this_thread(self._thread.name)
         try:
             while self._drain_inbox(self._wait_timeout()):
                 if self._deadlines:
