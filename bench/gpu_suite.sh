@@ -31,7 +31,9 @@
 #                                   max_ongoing_requests=136")
 #                                   (one load-client process per GPU; GPUS_CLIENTS overrides;
 #                                   batch 160, room above 128 streams per GPU for the Routers'
-#                                   uneven shares; GPUS_BATCH overrides, 128 was runs 6-20's)
+#                                   uneven shares; GPUS_BATCH overrides, 128 was runs 6-20's;
+#                                   STEP/threads.txt: the busy threads and their cores, 2-s
+#                                   samples, bench.host_threads)
 #         gpus-pow2-N               gpus-N with the Routers on Serve's own request router
 #                                   instead of FreshQueueLengthRouter
 #         gpus-two-N                gpus-N with FreshQueueLengthRouter comparing two random
@@ -106,13 +108,18 @@ for step in "$@"; do
       [[ $n == two-* ]] && { n=${n#two-}; flags+=(--deployment "request_router_config=\
 {request_router_class: 'mlx_serving.deployments.replica_routing:FreshQueueLengthRouter', \
 request_router_kwargs: {choices: 2}}"); }
-      path=$(model 8b)
+      path=$(model 8b); mkdir -p "$out/$step"
+      # the busy threads and their cores every 2 s, for replicas that step slower beside others
+      { lscpu | grep -E '^(Model name|Thread|Core|Socket|NUMA node)' || true
+        exec "$py" -m mlx_serving.bench.host_threads --min-share 0.2; } > "$out/$step/threads.txt" &
+      sampler=$!
       "$py" -m mlx_serving.deployments.cli bench llm --compare --servers ours --model-path "$path" \
         --replicas "$n" --gpus-per-replica 1 --concurrency ${GPUS_LEVELS:-32 64 128 256} \
         --client-processes "${GPUS_CLIENTS:-$n}" --repeats "${GPUS_REPEATS:-1}" \
         --max-batch-size "${GPUS_BATCH:-160}" "${flags[@]}" ${GPUS_ARGS:-} \
         --engine prefill_batch_size=16 --no-progress --no-plots --out "$out/$step" \
-        --title "$step" | tail -n 20 ;;
+        --title "$step" | tail -n 20 || { kill $sampler; exit 1; }
+      kill $sampler ;;
     decode-rate)
       path=$(model 8b); gpus=$(nvidia-smi -L | wc -l)
       "$py" -m mlx_serving.bench.gpu_decode --model "$path" --groups 0 0,1 \
