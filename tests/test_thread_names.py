@@ -28,14 +28,21 @@ def _spin(stop: threading.Event, name: str) -> None:
 
 @linux_only
 def test_a_thread_named_in_the_os_keeps_its_first_15_bytes():
-    named = threading.Event()
-    thread = threading.Thread(target=lambda: (name_this_thread("mlx-a-long-thread-name"),
-                                              named.set(), named.wait(5)))
+    named, release = threading.Event(), threading.Event()
+
+    def named_thread() -> None:
+        name_this_thread("mlx-a-long-thread-name")
+        named.set()
+        release.wait(5)  # alive until its name has been read
+
+    thread = threading.Thread(target=named_thread)
     thread.start()
-    named.wait(5)
-    names = _os_names()
-    thread.join()
-    assert "mlx-a-long-thre" in names
+    try:
+        assert named.wait(5)
+        assert "mlx-a-long-thre" in _os_names()
+    finally:
+        release.set()
+        thread.join()
 
 
 @linux_only
