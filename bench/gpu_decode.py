@@ -81,6 +81,11 @@ def decode(model_path: str, batch: int, window_s: float) -> None:
                       "cpu_per_wall": (time.process_time() - cpu0) / wall}), flush=True)
 
 
+# Long enough for a 20-s window at 40 steps/s, short enough for a KV reservation of 128
+# sequences of an 8B model (19 GB) within the default budget (half of an 80-GB GPU)
+_ENGINE_MAX_TOKENS = 1024
+
+
 def decode_engine(model_path: str, batch: int, window_s: float, in_process: bool) -> None:
     """Child, ``--driver engine[-process]``: as ``decode``, with ``batch`` requests of the
     engine streaming at once; the rate is the engine's steps over the window, which starts
@@ -109,12 +114,14 @@ def decode_engine(model_path: str, batch: int, window_s: float, in_process: bool
         try:
             full = await _first_full_step(engine, batch)
             start, wall = time.perf_counter(), 0.0
-            while wall < window_s:
-                await asyncio.sleep(min(0.1, window_s - wall))
+            while True:  # at least one look, so a window of 0 still ends with stats
+                await asyncio.sleep(max(0.0, min(0.1, window_s - wall)))
                 end, wall = engine.stats(), time.perf_counter() - start
                 if end.finished > full.finished:
                     return {"error": f"a request ended within the {window_s} s window: "
                                      "shorten --window"}
+                if wall >= window_s:
+                    break
         finally:
             for s in streams:
                 s.cancel()
@@ -126,11 +133,6 @@ def decode_engine(model_path: str, batch: int, window_s: float, in_process: bool
     print("ready", flush=True)
     sys.stdin.readline()
     print(json.dumps(asyncio.run(stream_all(_ENGINE_MAX_TOKENS, measure=True))), flush=True)
-
-
-# Long enough for a 20-s window at 40 steps/s, short enough for a KV reservation of 128
-# sequences of an 8B model (19 GB) within the default budget (half of an 80-GB GPU)
-_ENGINE_MAX_TOKENS = 1024
 
 
 async def _first_full_step(engine, batch: int):

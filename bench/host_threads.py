@@ -92,8 +92,10 @@ def busiest(before: dict[int, ThreadTimes], after: dict[int, ThreadTimes], secon
     busy = []
     for tid, now in after.items():
         then = before.get(tid)
-        share = (now.ticks - (then.ticks if then else 0)) / _TICKS / seconds
-        if then is not None and share >= min_share:
+        if then is None:  # started between the reads: its whole life is not one interval's
+            continue
+        share = (now.ticks - then.ticks) / _TICKS / seconds
+        if share >= min_share:
             busy.append(BusyThread(now.pid, tid, now.name, round(share, 2), now.cpu,
                                    core_of(now.cpu), _command(now.pid)))
     return sorted(busy, key=lambda t: -t.cpu_share)
