@@ -38,6 +38,8 @@
 #                                   instead of FreshQueueLengthRouter
 #         gpus-two-N                gpus-N with FreshQueueLengthRouter comparing two random
 #                                   replicas (choices: 2) instead of all of them
+#         scaling                   the efficiency of every gpus-* step run so far in OUTDIR
+#                                   against one GPU, by replica (bench.scaling; scaling.md)
 #         decode-rate               raw BatchGenerator decode steps/s on 1, 2 and all GPUs at
 #                                   once, then beside 16 busy CPUs (bench.gpu_decode)
 #         decode-rate-engine        the same through our Engine (batch 128 streams), 1 and all
@@ -120,6 +122,10 @@ request_router_kwargs: {choices: 2}}"); }
         --engine prefill_batch_size=16 --no-progress --no-plots --out "$out/$step" \
         --title "$step" | tail -n 20 || { kill $sampler; exit 1; }
       kill $sampler ;;
+    scaling)
+      results=("$out"/gpus-*/results.json)
+      "$py" -m mlx_serving.bench.scaling "${results[@]%/results.json}" \
+        --json "$out/scaling.json" | tee "$out/scaling.md" ;;
     decode-rate)
       path=$(model 8b); gpus=$(nvidia-smi -L | wc -l)
       "$py" -m mlx_serving.bench.gpu_decode --model "$path" --groups 0 0,1 \
