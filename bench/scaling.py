@@ -3,7 +3,8 @@ from the result folders of ``mlx-serving bench llm`` (``bench/gpu_suite.sh``'s `
 steps, any number of repeats and folders).
 
 A level of N replicas is set against the one-replica levels with as many streams per replica
-and the same setup (batch size, ``--engine`` and ``--deployment`` settings).
+and the same setup: the workload (prompt and output tokens, requests per stream), the batch
+size, and the ``--engine`` and ``--deployment`` settings.
 Its efficiency is its output tok/s over N times the one replica's: over the whole level, and
 before the drain (``steady_tok_s``, until the first client ran out of requests). Repeats count
 by their mean; "paired" also sets the i-th repeat of N replicas against the i-th of one, in the
@@ -51,7 +52,7 @@ class Measured:
 
     folder: str
     replicas: int
-    setup: str  # what else must match for two levels to compare: batch, engine, deployment
+    setup: str  # what else must match for two levels to compare: workload, batch, settings
     result: LoadResult
 
     @property
@@ -95,7 +96,9 @@ def load(folder: Path) -> list[Measured]:
     if runs is None:
         raise SystemExit(f"error: {folder}: no mlx-serving runs in results.json")
     args = record.get("args", {})
-    setup = "; ".join([f"batch {args.get('max_batch_size')}",
+    setup = "; ".join([f"{args.get('workload')} {args.get('input_tokens')}->"
+                       f"{args.get('output_tokens')} x{args.get('requests_per_stream')}",
+                       f"batch {args.get('max_batch_size')}",
                        *(f"{k}={v}" for k, v in args.get("engine") or []),
                        *(args.get("deployment") or [])])
     out: list[Measured] = []

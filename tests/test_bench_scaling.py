@@ -31,10 +31,12 @@ def level(streams: int, tok_s: float, steady: float | None,
 
 
 def folder(root: Path, name: str, replicas: int, runs: list[list[dict]],
-           batch: int = 160) -> Path:
+           batch: int = 160, requests_per_stream: int = 4) -> Path:
     out = root / name
     out.mkdir()
     save_record(out, {"args": {"replicas": replicas, "max_batch_size": batch,
+                               "workload": "fixed", "input_tokens": 128, "output_tokens": 128,
+                               "requests_per_stream": requests_per_stream,
                                "engine": [["prefill_batch_size", "16"]], "deployment": []},
                       "servers": {"mlx-serving": {"runs": runs}}})
     return out
@@ -59,10 +61,10 @@ def test_n_replicas_against_one_by_mean_before_the_drain_and_paired(tmp_path, ca
     assert json.loads(out.read_text())[0]["whole"] == 1.0
     report = capsys.readouterr().out
     # per replica, the one with the most steps first, with its decode ms per step
-    assert "| 2 | 256 | batch 160; prefill_batch_size=16 | gpus-2 | 4,500 | 4,600 | 2,000 " \
-           "| 617, 550 | 25.9, 25.0 |" in report
-    assert "| 2 | 128 | batch 160; prefill_batch_size=16 | 2 (2) | 5,000 (2,500) | 1.00 " \
-           "| 1.00 | 0.75, 1.38 |" in report
+    setup = "fixed 128->128 x4; batch 160; prefill_batch_size=16"
+    assert f"| 2 | 256 | {setup} | gpus-2 | 4,500 | 4,600 | 2,000 | 617, 550 | 25.9, 25.0 |" \
+        in report
+    assert f"| 2 | 128 | {setup} | 2 (2) | 5,000 (2,500) | 1.00 | 1.00 | 0.75, 1.38 |" in report
 
 
 def test_levels_of_another_setup_or_streams_per_replica_are_not_compared(tmp_path, capsys):
@@ -70,9 +72,13 @@ def test_levels_of_another_setup_or_streams_per_replica_are_not_compared(tmp_pat
     other_batch = folder(tmp_path, "gpus-4-b128", 4,
                          [[level(512, 10000.0, None, {"b": (600, 15.0)})]], batch=128)
     other_streams = folder(tmp_path, "gpus-2", 2, [[level(128, 6000.0, None, {"c": (550, 13.0)})]])
+    other_requests = folder(tmp_path, "gpus-2-rps8", 2,
+                            [[level(256, 6000.0, None, {"d": (1100, 27.0)})]],
+                            requests_per_stream=8)
 
-    assert efficiencies(load(one) + load(other_batch) + load(other_streams)) == []
-    assert main([str(one), str(other_batch), str(other_streams)]) == 0
+    folders = [one, other_batch, other_streams, other_requests]
+    assert efficiencies([m for f in folders for m in load(f)]) == []
+    assert main([str(f) for f in folders]) == 0
     assert "no level of several replicas has a one-replica level with as many streams per " \
            "replica and setup" in capsys.readouterr().out
 
