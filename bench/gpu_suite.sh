@@ -33,13 +33,16 @@
 #                                   batch 160, room above 128 streams per GPU for the Routers'
 #                                   uneven shares; GPUS_BATCH overrides, 128 was runs 6-20's;
 #                                   STEP/threads.txt: the busy threads and their cores, 2-s
-#                                   samples, bench.host_threads)
+#                                   samples, bench.host_threads; a step named again writes
+#                                   STEP.2, STEP.3: "gpus-1 gpus-4 gpus-1 gpus-4 scaling"
+#                                   interleaves the repeats)
 #         gpus-pow2-N               gpus-N with the Routers on Serve's own request router
 #                                   instead of FreshQueueLengthRouter
 #         gpus-two-N                gpus-N with FreshQueueLengthRouter comparing two random
 #                                   replicas (choices: 2) instead of all of them
 #         scaling                   the efficiency of every gpus-* step run so far in OUTDIR
-#                                   against one GPU, by replica (bench.scaling; scaling.md)
+#                                   against one GPU, repeats paired in the order of their
+#                                   folders, by replica (bench.scaling; scaling.md)
 #         decode-rate               raw BatchGenerator decode steps/s on 1, 2 and all GPUs at
 #                                   once, then beside 16 busy CPUs (bench.gpu_decode)
 #         decode-rate-engine        the same through our Engine (batch 128 streams), 1 and all
@@ -110,17 +113,21 @@ for step in "$@"; do
       [[ $n == two-* ]] && { n=${n#two-}; flags+=(--deployment "request_router_config=\
 {request_router_class: 'mlx_serving.deployments.replica_routing:FreshQueueLengthRouter', \
 request_router_kwargs: {choices: 2}}"); }
-      path=$(model 8b); mkdir -p "$out/$step"
+      # a folder already there (a step named again: gpus-1 gpus-4 gpus-1 gpus-4 interleaves
+      # the repeats) makes this one STEP.2, STEP.3, ...
+      dir=$out/$step; k=1
+      while [ -e "$dir" ]; do k=$((k + 1)); dir=$out/$step.$k; done
+      path=$(model 8b); mkdir -p "$dir"
       # the busy threads and their cores every 2 s, for replicas that step slower beside others
       { lscpu | grep -E '^(Model name|Thread|Core|Socket|NUMA node)' || true
-        exec "$py" -m mlx_serving.bench.host_threads --min-share 0.2; } > "$out/$step/threads.txt" &
+        exec "$py" -m mlx_serving.bench.host_threads --min-share 0.2; } > "$dir/threads.txt" &
       sampler=$!
       "$py" -m mlx_serving.deployments.cli bench llm --compare --servers ours --model-path "$path" \
         --replicas "$n" --gpus-per-replica 1 --concurrency ${GPUS_LEVELS:-32 64 128 256} \
         --client-processes "${GPUS_CLIENTS:-$n}" --repeats "${GPUS_REPEATS:-1}" \
         --max-batch-size "${GPUS_BATCH:-160}" "${flags[@]}" ${GPUS_ARGS:-} \
-        --engine prefill_batch_size=16 --no-progress --no-plots --out "$out/$step" \
-        --title "$step" | tail -n 20 || { kill $sampler; exit 1; }
+        --engine prefill_batch_size=16 --no-progress --no-plots --out "$dir" \
+        --title "${dir##*/}" | tail -n 20 || { kill $sampler; exit 1; }
       kill $sampler ;;
     scaling)
       results=("$out"/gpus-*/results.json)
