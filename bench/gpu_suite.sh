@@ -34,8 +34,9 @@
 #                                   uneven shares; GPUS_BATCH overrides, 128 was runs 6-20's;
 #                                   STEP/threads.txt: the busy threads and their cores, 2-s
 #                                   samples, bench.host_threads; a step named again writes
-#                                   STEP.2, STEP.3: "gpus-1 gpus-4 gpus-1 gpus-4 scaling"
-#                                   interleaves the repeats)
+#                                   STEP.2, STEP.3: GPUS_PER_GPU=128 with "gpus-1 gpus-4
+#                                   gpus-1 gpus-4 scaling" interleaves the repeats; GPUS_PER_GPU
+#                                   gives the levels as streams per GPU, over GPUS_LEVELS)
 #         gpus-pow2-N               gpus-N with the Routers on Serve's own request router
 #                                   instead of FreshQueueLengthRouter
 #         gpus-two-N                gpus-N with FreshQueueLengthRouter comparing two random
@@ -117,13 +118,15 @@ request_router_kwargs: {choices: 2}}"); }
       # the repeats) makes this one STEP.2, STEP.3, ...
       dir=$out/$step; k=1
       while [ -e "$dir" ]; do k=$((k + 1)); dir=$out/$step.$k; done
+      levels=${GPUS_LEVELS:-32 64 128 256}
+      [ -n "${GPUS_PER_GPU:-}" ] && levels=$(for s in $GPUS_PER_GPU; do echo $((s * n)); done)
       path=$(model 8b); mkdir -p "$dir"
       # the busy threads and their cores every 2 s, for replicas that step slower beside others
       { lscpu | grep -E '^(Model name|Thread|Core|Socket|NUMA node)' || true
         exec "$py" -m mlx_serving.bench.host_threads --min-share 0.2; } > "$dir/threads.txt" &
       sampler=$!
       "$py" -m mlx_serving.deployments.cli bench llm --compare --servers ours --model-path "$path" \
-        --replicas "$n" --gpus-per-replica 1 --concurrency ${GPUS_LEVELS:-32 64 128 256} \
+        --replicas "$n" --gpus-per-replica 1 --concurrency $levels \
         --client-processes "${GPUS_CLIENTS:-$n}" --repeats "${GPUS_REPEATS:-1}" \
         --max-batch-size "${GPUS_BATCH:-160}" "${flags[@]}" ${GPUS_ARGS:-} \
         --engine prefill_batch_size=16 --no-progress --no-plots --out "$dir" \
