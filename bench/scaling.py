@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mlx_serving.bench.loadgen import LoadResult
-from mlx_serving.bench.replicas import STEPS, TOKENS, engine_seconds, of_metric
+from mlx_serving.bench.replicas import STEPS, engine_seconds, of_metric
+from mlx_serving.bench.servers import SERVER_NAMES
 
 DECODE = engine_seconds("decode")
 
@@ -38,7 +39,6 @@ class ReplicaFigures:
     """One replica's engine over one measured level."""
 
     steps: float
-    tokens: float
     decode_s: float
 
     @property
@@ -63,9 +63,8 @@ class Measured:
         """Each replica's figures, the one that ran the most steps first (empty when the
         folder did not read our replicas' counters)."""
         counters = self.result.counters or {}
-        steps, tokens, decode = (of_metric(counters, n) for n in (STEPS, TOKENS, DECODE))
-        figures = [ReplicaFigures(steps[r], tokens.get(r, 0.0), decode.get(r, 0.0))
-                   for r in steps]
+        steps, decode = of_metric(counters, STEPS), of_metric(counters, DECODE)
+        figures = [ReplicaFigures(steps[r], decode.get(r, 0.0)) for r in steps]
         return sorted(figures, key=lambda f: f.steps, reverse=True)
 
 
@@ -91,8 +90,7 @@ def load(folder: Path) -> list[Measured]:
     if not path.is_file():
         raise SystemExit(f"error: {folder}: no results.json (not a bench llm result folder)")
     record = json.loads(path.read_text())
-    runs = next((entry["runs"] for label, entry in record["servers"].items()
-                 if label == "mlx-serving"), None)
+    runs = record["servers"].get(SERVER_NAMES["ours"], {}).get("runs")
     if runs is None:
         raise SystemExit(f"error: {folder}: no mlx-serving runs in results.json")
     args = record.get("args", {})

@@ -10,7 +10,7 @@ import pytest
 
 from mlx_serving.bench.llm import save_record
 from mlx_serving.bench.loadgen import LoadResult
-from mlx_serving.bench.replicas import STEPS, TOKENS, engine_seconds
+from mlx_serving.bench.replicas import STEPS, engine_seconds
 from mlx_serving.bench.scaling import efficiencies, load, main
 
 
@@ -20,7 +20,6 @@ def level(streams: int, tok_s: float, steady: float | None,
     counters = {}
     for name, (steps, decode_s) in replicas.items():
         counters[f"{STEPS}@{name}"] = steps
-        counters[f"{TOKENS}@{name}"] = steps * 100
         counters[f'{engine_seconds("decode")}@{name}'] = decode_s
     result = LoadResult(concurrency=streams, requests_ok=4 * streams, requests_failed=0,
                         errors={}, duration_s=20.0, output_tokens=int(20 * tok_s),
