@@ -158,9 +158,7 @@ class FreshQueueLengthRouter(PowerOfTwoChoicesRequestRouter):
         replicas = list(self.curr_replicas.values())
         if len(replicas) < 2:
             return
-        answers = await asyncio.gather(
-            *(asyncio.wait_for(self._ask(r), self.refresh_interval_s) for r in replicas),
-            return_exceptions=True)
+        answers = await asyncio.gather(*map(self._ask, replicas), return_exceptions=True)
         current = self.curr_replicas
         for replica, answer in zip(replicas, answers):
             if not isinstance(answer, int):
@@ -170,6 +168,22 @@ class FreshQueueLengthRouter(PowerOfTwoChoicesRequestRouter):
         self.refreshes += 1
 
     async def _ask(self, replica: RunningReplica) -> int | None:
+        """The replica's queue length, or None if it did not answer within the interval.
+        A late answer's call is cancelled only while Ray is still up: Serve cancels it with
+        ``ray.cancel``, which would start Ray again (auto-init) in a driver whose Ray was
+        shut down while the round waited."""
+        call = asyncio.ensure_future(self._call(replica))
+        try:
+            done, _ = await asyncio.wait({call}, timeout=self.refresh_interval_s)
+            return call.result() if done else None
+        finally:
+            if not call.done():
+                if self._connected():
+                    call.cancel()
+                else:  # left to end with its Ray; its outcome is nobody's
+                    call.add_done_callback(lambda c: c.cancelled() or c.exception())
+
+    async def _call(self, replica: RunningReplica) -> int | None:
         # Checked in the same step as the actor call (get_queue_len makes it before its
         # first await): a ray.shutdown() in another thread has next to no moment between.
         if not self._connected():

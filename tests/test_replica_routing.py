@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
 
+from mlx_serving.deployments import replica_routing
 from mlx_serving.deployments.replica_routing import FreshQueueLengthRouter, routing_views
 
 
@@ -85,3 +86,49 @@ def test_a_request_goes_to_the_shortest_queue_of_all():
 def test_ties_go_to_a_random_replica():
     picks = _picks(_router(), {"a": 3, "b": 3, "c": 3, "d": 3}, 400)
     assert set(picks) == {"a", "b", "c", "d"} and min(picks.values()) > 50, picks
+
+
+@dataclass(frozen=True)
+class _AskedReplica(_Replica):
+    """A replica whose queue length comes back at once (``answer``) or never (None); a call
+    cancelled is counted, as Serve's ``ray.cancel`` of it would be made."""
+    answer: int | None = None
+    cancels: list[int] = field(default_factory=list)
+
+    async def get_queue_len(self, *, deadline_s: float) -> int:
+        if self.answer is not None:
+            return self.answer
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancels.append(1)
+            raise
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("ray_goes_down", [False, True])
+def test_a_late_answer_is_cancelled_only_while_ray_is_up(monkeypatch, ray_goes_down):
+    # Serve cancels a late get_queue_len with ray.cancel, which starts Ray again (auto-init)
+    # in a driver whose Ray was shut down while the round waited: the e2e test's child once
+    # found the refresher had started a Ray of its own.
+    ray_up = [False]  # no refresher: update_replicas starts none while Ray is down
+    monkeypatch.setattr(replica_routing, "_ray_connection",
+                        lambda: ("node", "job") if ray_up[0] else None)
+    router = _router(refresh_interval_s=0.1)
+    prompt, late = _AskedReplica("prompt", answer=3), _AskedReplica("late")
+
+    async def one_round() -> int:
+        router.update_replicas([prompt, late])
+        # Serve probes new replicas itself (and cancels a late probe): let that end first
+        await asyncio.sleep(2 * router.queue_len_response_deadline_s)
+        late.cancels.clear()
+        router._connection, ray_up[0] = ("node", "job"), True
+        if ray_goes_down:
+            asyncio.get_running_loop().call_later(0.05, ray_up.__setitem__, 0, False)
+        await router.refresh()
+        await asyncio.sleep(0.05)
+        return len(late.cancels)  # before asyncio.run cancels what is left
+
+    assert asyncio.run(one_round()) == (0 if ray_goes_down else 1)
+    view = router.view()
+    assert (view["refreshes"], view["missed"], view["queue_lengths"]["prompt"]) == (1, 1, 3)
