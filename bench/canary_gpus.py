@@ -24,6 +24,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
+from typing import Callable
 
 import httpx
 
@@ -57,20 +58,38 @@ def drill_config(model: str, *, stable_replicas: int, canary_replicas: int, gpus
     return config
 
 
-def replica_devices() -> dict[str, list[dict]]:
+def replica_devices(expected: dict[str, int], timeout_s: float = 120.0
+                    ) -> dict[str, list[dict]]:
     """Variant -> each live replica's process and GPU ids (Ray's, which it puts in the
-    replica's CUDA_VISIBLE_DEVICES)."""
+    replica's CUDA_VISIBLE_DEVICES), for ``expected`` replicas of each variant."""
     from ray import serve
 
     out = {}
-    for variant in ("stable", "canary"):
+    for variant, count in expected.items():
         handle = serve.get_deployment_handle(server_deployment_name(variant), app_name=APP)
-        seen = {}
-        for _ in range(16):  # calls land on any replica
-            info = handle.info.remote().result(timeout_s=60)
-            seen[info["replica"]] = {k: info[k] for k in ("replica", "pid", "gpu_ids")}
-        out[variant] = sorted(seen.values(), key=lambda r: r["replica"])
+        out[variant] = heard_from(
+            lambda calls: [r.result(timeout_s=60) for r in
+                           [handle.info.remote() for _ in range(calls)]],
+            count, timeout_s)
     return out
+
+
+def heard_from(ask: Callable[[int], list[dict]], count: int, timeout_s: float) -> list[dict]:
+    """The replicas (their ``replica``, ``pid`` and ``gpu_ids``) that answered ``ask(calls)``
+    in rounds of concurrent calls, until ``count`` different ones did or ``timeout_s``
+    passed. A call lands on whichever replica the router picks: on run 23's 4-GPU host,
+    16 calls in a row all landed on one of a variant's two replicas."""
+    deadline = time.monotonic() + timeout_s
+    seen: dict[str, dict] = {}
+    while len(seen) < count and time.monotonic() < deadline:
+        for info in ask(2 * count):
+            seen[info["replica"]] = {k: info[k] for k in ("replica", "pid", "gpu_ids")}
+        if len(seen) < count:
+            time.sleep(0.2)
+    if len(seen) < count:
+        print(f"heard from {len(seen)} of {count} replicas in {timeout_s:.0f} s",
+              file=sys.stderr)
+    return sorted(seen.values(), key=lambda r: r["replica"])
 
 
 async def drive(url: str, stop: asyncio.Event, concurrency: int, max_tokens: int) -> list[dict]:
@@ -179,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                         "min_duration_s": 10, "max_extensions": 2},
                        {"weight": 100, "min_samples": 20, "min_duration_s": 5}]}
     with running_app(config, free_port()) as app:
-        devices = replica_devices()
+        devices = replica_devices({"stable": args.stable_replicas,
+                                   "canary": args.canary_replicas})
         drill = asyncio.run(rollout_drill(app.url, plan, args.concurrency, args.max_tokens,
                                           args.timeout_s))
     record = {"machine": machine(), "args": vars(args), "plan": plan, "replicas": devices,

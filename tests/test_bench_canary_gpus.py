@@ -1,8 +1,9 @@
-"""The GPU canary drill's pure parts: its application config and the per-variant summary."""
+"""The GPU canary drill's pure parts: its application config, the per-variant summary and
+hearing from every replica."""
 
 from __future__ import annotations
 
-from mlx_serving.bench.canary_gpus import by_variant, drill_config
+from mlx_serving.bench.canary_gpus import by_variant, drill_config, heard_from
 from mlx_serving.deployments.settings import AppConfig
 
 
@@ -35,3 +36,30 @@ def test_results_are_summarised_per_variant():
     assert summary["canary"]["outcomes"] == {"200": 1, "error_event": 1}
     assert summary["canary"]["ttft_ms"]["p50"] == 300.0
     assert summary["none"]["outcomes"] == {"ConnectError": 1}
+
+
+def _answers(*replicas: str) -> list[dict]:
+    return [{"replica": r, "pid": 100, "gpu_ids": [r], "models": ["m"]} for r in replicas]
+
+
+def test_every_replica_is_heard_from_though_the_calls_keep_landing_on_one():
+    # run 23: the replica list named one of each variant's two replicas, every call having
+    # landed on the same one
+    rounds = iter([_answers("a", "a", "a", "a"), _answers("a", "a", "a", "a"),
+                   _answers("a", "b", "a", "a")])
+    asked = []
+
+    def ask(calls: int) -> list[dict]:
+        asked.append(calls)
+        return next(rounds)
+
+    heard = heard_from(ask, 2, timeout_s=30)
+    assert heard == [{"replica": "a", "pid": 100, "gpu_ids": ["a"]},
+                     {"replica": "b", "pid": 100, "gpu_ids": ["b"]}]
+    assert asked == [4, 4, 4]       # rounds of concurrent calls until both answered
+
+
+def test_asking_ends_at_the_timeout_and_says_who_was_missing(capsys):
+    heard = heard_from(lambda calls: _answers(*["a"] * calls), 2, timeout_s=0.5)
+    assert [r["replica"] for r in heard] == ["a"]
+    assert "heard from 1 of 2 replicas" in capsys.readouterr().err
