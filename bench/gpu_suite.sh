@@ -133,8 +133,10 @@ request_router_kwargs: {choices: 2}}"); }
         --title "${dir##*/}" | tail -n 20 || { kill $sampler; exit 1; }
       kill $sampler ;;
     scaling)
-      results=("$out"/gpus-*/results.json)
-      "$py" -m mlx_serving.bench.scaling "${results[@]%/results.json}" \
+      # in the order they ran (gpus-1, gpus-1.2, ...: a glob puts gpus-1.2 before gpus-1)
+      mapfile -t folders < <(printf '%s\n' "$out"/gpus-*/results.json \
+        | sed 's|/results.json$||' | sort -V)
+      "$py" -m mlx_serving.bench.scaling "${folders[@]}" \
         --json "$out/scaling.json" | tee "$out/scaling.md" ;;
     decode-rate)
       path=$(model 8b); gpus=$(nvidia-smi -L | wc -l)
