@@ -243,7 +243,8 @@ class Rollout:
     def advance(self, now: float, stable_samples: SampleSet,
                 canary_samples: SampleSet) -> list[Decision]:
         """One tick: guards first (roll back at once), then, if the window is due (its
-        min_duration and min_samples met), the analysis and its transition."""
+        min_duration and min_samples met, and for an analysis the analysis's min_samples in
+        both arms), the analysis and its transition."""
         s = self.state
         if s.phase not in LIVE_PHASES:
             return []
@@ -266,6 +267,11 @@ class Rollout:
                       f"{s.window_elapsed_s(now):.0f}s with {canary_samples.n} samples")
             evidence = {"n_canary": canary_samples.n, "errors": canary_samples.errors}
             return [self._passed(now, reason, evidence)]
+        if min(stable_samples.n, canary_samples.n) < s.plan.analysis.min_samples:
+            # every metric would be NO_DATA: the look could only spend an extension and
+            # throw this window's samples away (a stage min_samples below the analysis's,
+            # or a canary weight above 50% that leaves stable short)
+            return []
         s.looks += 1
         analysis = analyze(stable_samples, canary_samples, s.plan.analysis, s.looks,
                            s.plan.max_looks, stage.weight / 100.0,

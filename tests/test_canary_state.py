@@ -93,6 +93,23 @@ def test_nothing_happens_until_duration_and_samples_are_met():
     assert c.rollout.state.looks == 0 and c.rollout.state.last_analysis is None
 
 
+def test_a_look_waits_until_both_arms_hold_the_analysis_minimum():
+    # a stage min_samples below the analysis's 30 made the look NO_DATA, which extended the
+    # stage and threw its samples away, again and again (the run 23 drill on the CPU box)
+    plan = RolloutPlan(stages=[Stage(weight=50, min_samples=10, min_duration_s=1),
+                               Stage(weight=100, min_samples=10, min_duration_s=1)],
+                       analysis=PLAN.analysis)
+    c = started(plan)
+    c.traffic(20)                        # the stage's 10 met, the analysis's 30 not
+    assert c.tick(5.0) == [] and c.rollout.state.looks == 0
+    c.traffic(20, stable_n=5)            # canary 40, stable 25: stable still short
+    assert c.tick(6.0) == [] and c.rollout.state.looks == 0
+    c.traffic(0, stable_n=5)
+    d = only(c.tick(7.0))                # the look, on every metric's data
+    assert d.evidence["look"] == 1 and "no data" not in d.evidence["reason"]
+    assert (d.evidence["n_stable"], d.evidence["n_canary"]) == (30, 40)
+
+
 def test_aa_is_promoted_through_every_stage():
     c = started()
     c.traffic(200)
