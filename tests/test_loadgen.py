@@ -224,18 +224,20 @@ def test_a_client_process_that_dies_fails_the_level(server):
 
 
 # A client process unpickles its target and share from the load generator's module: that must
-# not import mlx-lm (1.6 s, paid by every client process at every level) or the engine.
+# not import mlx-lm (1.6 s here, ~15 s of CPU on a GPU host whose Python has torch, paid by
+# every client process at every level) or the engine. The share is unpickled before
+# multiprocessing sets the child's parent_process(), as loadgen's own classes are here.
 SPAWNED_CLIENT = """
 import multiprocessing, sys
-def imported(queue):
-    import mlx_serving.bench.loadgen  # noqa: F401
+def imported(queue, spec):
     queue.put(sorted(m for m in ("mlx", "mlx_lm", "mlx_serving.engine") if m in sys.modules))
 if __name__ == "__main__":
     import mlx_serving.bench  # noqa: F401  the parent, as `mlx-serving bench` has it
+    from mlx_serving.bench.loadgen import HttpTargetSpec
     assert "mlx_lm" in sys.modules  # imported under engine.fd_limits' guard
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    child = ctx.Process(target=imported, args=(queue,))
+    child = ctx.Process(target=imported, args=(queue, HttpTargetSpec("http://x", "m")))
     child.start()
     print(queue.get(timeout=120))
     child.join()
