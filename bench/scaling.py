@@ -14,6 +14,8 @@ this shows how far the figure moves between server starts).
 Per replica, the engine steps and the decode seconds per step tell the two losses apart: a
 replica that stepped slower beside the others (more ms per step), and one that the Routers
 handed more work than its batch held (more steps, at fewer tokens each, and a longer drain).
+The share of the host's CPU time a hypervisor took for other guests over the level ("stolen")
+is beside them: on a virtual machine, an engine bound by host work steps slower when it rises.
 
     python -m mlx_serving.bench.scaling OUT/gpus-1 OUT/gpus-2 OUT/gpus-4 [--json scaling.json]
 """
@@ -141,8 +143,8 @@ def _number(value: float | None, digits: int) -> str:
 def report(measured: list[Measured]) -> str:
     """Markdown: every measured level with its replicas, then the efficiency table."""
     lines = ["| replicas | streams | setup | folder | output tok/s | before the drain "
-             "| TTFT p99 ms | steps per replica | decode ms per step |",
-             "|---:|---:|---|---|---:|---:|---:|---|---|"]
+             "| TTFT p99 ms | steps per replica | decode ms per step | host CPU stolen |",
+             "|---:|---:|---|---|---:|---:|---:|---|---|---:|"]
     for m in sorted(measured, key=lambda m: (m.setup, m.replicas, m.result.concurrency)):
         r, figures = m.result, m.by_replica()
         lines.append(
@@ -150,7 +152,8 @@ def report(measured: list[Measured]) -> str:
             f"| {r.output_tok_s:,.0f} | {_number(r.steady_tok_s, 0)} "
             f"| {_number(r.ttft_ms.get('p99'), 0)} "
             f"| {', '.join(f'{f.steps:.0f}' for f in figures) or '-'} "
-            f"| {', '.join(_number(f.decode_ms_per_step, 1) for f in figures) or '-'} |")
+            f"| {', '.join(_number(f.decode_ms_per_step, 1) for f in figures) or '-'} "
+            f"| {'-' if r.host_steal is None else f'{100 * r.host_steal:.1f}%'} |")
     rows = efficiencies(measured)
     lines += ["", "| replicas | streams per replica | setup | repeats (1 replica) "
               "| output tok/s (1 replica) | efficiency | before the drain | paired in order |",

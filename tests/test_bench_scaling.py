@@ -15,7 +15,7 @@ from mlx_serving.bench.scaling import efficiencies, load, main
 
 
 def level(streams: int, tok_s: float, steady: float | None,
-          replicas: dict[str, tuple[float, float]]) -> dict:
+          replicas: dict[str, tuple[float, float]], steal: float | None = None) -> dict:
     """A level as results.json keeps it; ``replicas`` maps a replica to (steps, decode s)."""
     counters = {}
     for name, (steps, decode_s) in replicas.items():
@@ -25,7 +25,8 @@ def level(streams: int, tok_s: float, steady: float | None,
                         errors={}, duration_s=20.0, output_tokens=int(20 * tok_s),
                         output_tok_s=tok_s, requests_s=1.0,
                         ttft_ms={"p50": 900.0, "p90": 1500.0, "p99": 2000.0},
-                        itl_ms={}, e2e_ms={}, counters=counters, steady_tok_s=steady)
+                        itl_ms={}, e2e_ms={}, counters=counters, steady_tok_s=steady,
+                        host_steal=steal)
     return {"load_before": [0.5, 0.5, 0.5], **result.to_dict()}
 
 
@@ -45,7 +46,7 @@ def test_n_replicas_against_one_by_mean_before_the_drain_and_paired(tmp_path, ca
     one = folder(tmp_path, "gpus-1", 1, [[level(128, 3000.0, 2900.0, {"a": (550, 13.2)})],
                                          [level(128, 2000.0, 2100.0, {"b": (560, 16.8)})]])
     two = folder(tmp_path, "gpus-2", 2, [
-        [level(256, 4500.0, 4600.0, {"c": (617, 16.0), "d": (550, 13.75)})],
+        [level(256, 4500.0, 4600.0, {"c": (617, 16.0), "d": (550, 13.75)}, steal=0.0224)],
         [level(256, 5500.0, 5400.0, {"e": (555, 13.9), "f": (556, 13.9)})]])
 
     (row,) = efficiencies(load(one) + load(two))
@@ -59,10 +60,12 @@ def test_n_replicas_against_one_by_mean_before_the_drain_and_paired(tmp_path, ca
     assert main([str(one), str(two), "--json", str(out)]) == 0
     assert json.loads(out.read_text())[0]["whole"] == 1.0
     report = capsys.readouterr().out
-    # per replica, the one with the most steps first, with its decode ms per step
+    # per replica, the one with the most steps first, with its decode ms per step; the share
+    # of the host's CPU a hypervisor took ("-" where not known)
     setup = "fixed 128->128 x4; batch 160; prefill_batch_size=16"
-    assert f"| 2 | 256 | {setup} | gpus-2 | 4,500 | 4,600 | 2,000 | 617, 550 | 25.9, 25.0 |" \
-        in report
+    assert (f"| 2 | 256 | {setup} | gpus-2 | 4,500 | 4,600 | 2,000 | 617, 550 | 25.9, 25.0 "
+            f"| 2.2% |") in report
+    assert f"| 1 | 128 | {setup} | gpus-1 | 3,000 | 2,900 | 2,000 | 550 | 24.0 | - |" in report
     assert f"| 2 | 128 | {setup} | 2 (2) | 5,000 (2,500) | 1.00 | 1.00 | 0.75, 1.38 |" in report
 
 
