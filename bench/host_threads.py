@@ -7,7 +7,9 @@ its physical core with another busy thread (SMT siblings) or moved between CPUs;
 samples every thread's CPU time and last CPU from ``/proc`` and prints, per interval, the
 busy ones with their core, marking threads whose cores were shared. Engine threads name
 themselves ``mlx-engine`` in the OS (threads they start, such as MLX's, inherit the name; the
-engine thread is the busy one).
+engine thread is the busy one). Each line names the thread's process and that process's
+parent: processes that multiprocessing spawned share one command line (an engine's child of a
+replica, a load client of ``bench llm``), their parents tell them apart.
 
     python -m mlx_serving.bench.host_threads --interval 2 > threads.txt   # until killed
 """
@@ -35,12 +37,13 @@ class ThreadTimes:
     name: str
     ticks: int
     cpu: int
+    ppid: int = 0   # its process's parent
 
 
 @dataclass(frozen=True)
 class BusyThread:
-    """A thread's CPU seconds per second over an interval, where it ended up, and its
-    process's command (its first 60 characters)."""
+    """A thread's CPU seconds per second over an interval, where it ended up, its
+    process's command (its first 60 characters) and that process's parent."""
 
     pid: int
     tid: int
@@ -49,6 +52,7 @@ class BusyThread:
     cpu: int
     core: tuple[int, int]   # (package, core) of that CPU
     process: str
+    ppid: int = 0
 
 
 def read_threads(proc: Path = _PROC) -> dict[int, ThreadTimes]:
@@ -63,7 +67,8 @@ def read_threads(proc: Path = _PROC) -> dict[int, ThreadTimes]:
         fields = stat[stat.rindex(")") + 2:].split()  # fields from the 3rd (state) on
         tid = int(task.name)
         threads[tid] = ThreadTimes(pid=int(task.parent.parent.name), tid=tid, name=name,
-                                   ticks=int(fields[11]) + int(fields[12]), cpu=int(fields[36]))
+                                   ticks=int(fields[11]) + int(fields[12]), cpu=int(fields[36]),
+                                   ppid=int(fields[1]))
     return threads
 
 
@@ -77,9 +82,9 @@ def core_of(cpu: int, sys_cpu: Path = Path("/sys/devices/system/cpu")) -> tuple[
         return (0, cpu)
 
 
-def _command(pid: int) -> str:
+def _command(pid: int, proc: Path = _PROC) -> str:
     try:
-        raw = (_PROC / str(pid) / "cmdline").read_bytes()
+        raw = (proc / str(pid) / "cmdline").read_bytes()
     except OSError:
         return "?"
     return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:60]
@@ -97,7 +102,7 @@ def busiest(before: dict[int, ThreadTimes], after: dict[int, ThreadTimes], secon
         share = (now.ticks - then.ticks) / _TICKS / seconds
         if share >= min_share:
             busy.append(BusyThread(now.pid, tid, now.name, round(share, 2), now.cpu,
-                                   core_of(now.cpu), _command(now.pid)))
+                                   core_of(now.cpu), _command(now.pid), now.ppid))
     return sorted(busy, key=lambda t: -t.cpu_share)
 
 
@@ -112,7 +117,8 @@ def report(threads: list[BusyThread], at_s: float) -> str:
     lines = [f"t={at_s:.1f}s busy threads {len(threads)}, "
              f"CPU {sum(t.cpu_share for t in threads):.2f}, shared cores {len(shared)}"]
     lines += [f"  {'*' if t.core in shared else ' '} {t.cpu_share:4.2f} cpu {t.cpu:>3} core "
-              f"{t.core[0]}/{t.core[1]:<3} {t.name:<15} pid {t.pid} tid {t.tid}  {t.process}"
+              f"{t.core[0]}/{t.core[1]:<3} {t.name:<15} pid {t.pid} tid {t.tid} of {t.ppid}  "
+              f"{t.process}"
               for t in threads]
     return "\n".join(lines)
 

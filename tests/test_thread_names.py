@@ -3,6 +3,7 @@ bench.host_threads finds busy threads by it."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from pathlib import Path
@@ -71,6 +72,7 @@ def test_host_threads_lists_a_busy_thread_with_its_core(capsys):
         spinner.join()
     mine = [t for t in busy if t.name == "busy-spinner"]
     assert len(mine) == 1 and mine[0].cpu_share > 0.3 and mine[0].tid == spinner.native_id
-    assert "busy-spinner" in report(busy, 1.0)
+    assert mine[0].pid == os.getpid() and mine[0].ppid == os.getppid()
+    assert f"tid {spinner.native_id} of {os.getppid()}  " in report(busy, 1.0)
     printed = capsys.readouterr().out
     assert printed.count("busy threads") == 2 and "busy-spinner" in printed
