@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import time
 
+from mlx_serving.engine import fd_limits  # noqa: F401  isort: skip  (before mlx-lm)
 import mlx.core as mx
 from mlx_lm.generate import (BatchGenerator, GenerationBatch, PromptProcessingBatch,
                              _right_pad_prompts)

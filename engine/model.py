@@ -9,6 +9,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Mapping, TypeVar
 
+from mlx_serving.engine import fd_limits  # noqa: F401  isort: skip  (before mlx-lm)
 import mlx.core as mx
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.utils import hf_repo_to_path, load_config, load_tokenizer

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mlx_serving.engine import fd_limits  # noqa: F401  isort: skip  (before mlx-lm)
 import mlx.core as mx
 from mlx.utils import tree_map_with_path
 from mlx_lm.utils import quantize_model, save_config, save_model

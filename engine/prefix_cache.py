@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mlx_serving.engine import fd_limits  # noqa: F401  isort: skip  (before mlx-lm)
 import mlx.core as mx
 from mlx_lm.models.cache import (LRUPromptCache, PromptTrie, PromptTrieResult,
                                  can_trim_prompt_cache, trim_prompt_cache)

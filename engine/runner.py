@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from mlx_serving.engine import fd_limits  # noqa: F401  isort: skip  (before mlx-lm)
 from mlx_lm.generate import StopSequences
 from mlx_lm.models.cache import trim_prompt_cache
 

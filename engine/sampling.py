@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 
+from mlx_serving.engine import fd_limits  # noqa: F401  isort: skip  (before mlx-lm)
 import mlx.core as mx
 from mlx_lm.sample_utils import (
     apply_min_p,

@@ -9,7 +9,7 @@ import pytest
 
 # before any test module imports mlx-lm, which would lower this process's file-descriptor
 # limits, and with them those of the Ray cluster it starts (engine/fd_limits.py)
-import mlx_serving.engine  # noqa: F401, E402
+from mlx_serving.engine import fd_limits  # noqa: F401, E402
 from mlx_serving.deployments.serve_env import serve_env  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

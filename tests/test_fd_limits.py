@@ -9,7 +9,7 @@ import sys
 import pytest
 
 PRINT_LIMITS_AFTER_IMPORT = (
-    "import resource, mlx_serving.engine, mlx_lm\n"
+    "import resource\nfrom mlx_serving.engine import Engine\nimport mlx_lm\n"
     "print(*resource.getrlimit(resource.RLIMIT_NOFILE))")
 HARD = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
