@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from mlx_serving.engine import fd_limits  # noqa: F401  isort: skip  (before mlx-lm)
 import mlx.core as mx
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator, generate_step

@@ -45,6 +45,7 @@ def decode(model_path: str, batch: int, window_s: float) -> None:
     """Child: load, warm up, print ``ready``, wait for a line on stdin, decode ``batch``
     sequences for ``window_s`` and print the rate as JSON (steps count once every sequence
     decodes, after the prefill)."""
+    from mlx_serving.engine import fd_limits  # noqa: F401  isort: skip  (before mlx-lm)
     from mlx_lm import load
     from mlx_lm.generate import BatchGenerator
 

@@ -8,8 +8,9 @@ it. A Ray cluster started by a process that had imported mlx-lm gave HAProxy 4,0
 descriptors where it asks for ~10,000 and would not start, and a replica could hold no more
 than 2,048 sockets.
 
-``mlx_serving.engine`` imports mlx-lm through this module first: a limit mlx-lm asks for is
-applied only where it raises one.
+Every module of this project that imports mlx-lm imports this one first (the engine's,
+the benchmarks' and the tests' conftest): a limit mlx-lm asks for is applied only where it
+raises one.
 """
 
 from __future__ import annotations

@@ -232,8 +232,8 @@ import multiprocessing, sys
 def imported(queue, spec):
     queue.put(sorted(m for m in ("mlx", "mlx_lm", "mlx_serving.engine") if m in sys.modules))
 if __name__ == "__main__":
-    import mlx_serving.bench  # noqa: F401  the parent, as `mlx-serving bench` has it
     from mlx_serving.bench.loadgen import HttpTargetSpec
+    from mlx_serving.engine import Engine  # noqa: F401  a parent may drive an engine
     assert "mlx_lm" in sys.modules  # imported under engine.fd_limits' guard
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
