@@ -169,12 +169,19 @@ def our_config(options: ServerOptions) -> dict:
 def _hold_the_sweep(args: dict, concurrency: int) -> None:
     """Size the stable variant's queues to hold ``concurrency`` requests, and turn the QoS
     monitor's latency actions into alerts: a closed-loop level above the batch size queues
-    by design, and shedding it would measure the refusals instead of the throughput."""
+    by design, and shedding it would measure the refusals instead of the throughput.
+
+    Serve's queue at each Router counts the requests it is still routing, not only those
+    waiting for room: a wave of streams coming back at once overfills a smaller one with
+    503s while every replica has room (run 25)."""
     variant = args["variants"]["stable"]
     engine, deployment = variant["engine"], variant["deployment"]
     engine["max_waiting_requests"] = max(engine.get("max_waiting_requests", 0), concurrency)
     deployment["max_ongoing_requests"] = max(deployment.get("max_ongoing_requests", 0),
                                              concurrency)
+    if deployment.get("max_queued_requests") != -1:  # -1: unbounded already
+        deployment["max_queued_requests"] = max(deployment.get("max_queued_requests", 0),
+                                                concurrency)
     args.setdefault("qos", {})["actions"] = {"ttft_p95": ["alert"], "itl_p95": ["alert"]}
 
 

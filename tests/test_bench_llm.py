@@ -249,6 +249,8 @@ def test_our_config_holds_a_sweep_beyond_the_batch(tiny_model_path):
     stable = config.variants["stable"]
     assert stable.engine.max_waiting_requests == 256
     assert stable.deployment["max_ongoing_requests"] == 256
+    # Serve's queue too: run 25's closed-loop waves overfilled the shipped 64 with 503s
+    assert stable.deployment["max_queued_requests"] == 256
     assert config.router["num_replicas"] == 4
     assert config.qos.actions[Slo.TTFT_P95] == [Action.ALERT]
     assert config.qos.actions[Slo.ITL_P95] == [Action.ALERT]
