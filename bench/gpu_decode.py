@@ -6,8 +6,10 @@ Each group runs one process per GPU (``CUDA_VISIBLE_DEVICES``), every process dr
 together for ``--window`` seconds and report their decode steps per second and their CPU
 seconds per second (a step is host work on one core: building the graph and launching its
 kernels, so a loop near 1.0 is bound by its core). ``--cpu-load K`` adds a run of each
-group beside K processes spinning on a core each, as a serving stack's Routers, proxy and
-load client would. No Ray. ``--driver engine`` decodes through our ``Engine`` instead (its
+group beside K processes busy on a core each, as a serving stack's Routers, proxy and
+load client would: spinning in the core's own caches (``--cpu-load-kind spin``), or copying
+64 MiB buffers (``memory``), which evicts the shared cache and draws memory bandwidth as
+Python servers moving requests do, and which a spin does not. No Ray. ``--driver engine`` decodes through our ``Engine`` instead (its
 scheduler thread, detokenizing and streaming every token), ``--driver engine-process`` through
 ``EngineProcess`` as a replica on a GPU does (the engine in a child process, each step's
 tokens forwarded to the parent): together they tell whether what slows replicas beside others
@@ -39,6 +41,7 @@ class DecodeRate:
     steps_s: float
     cpu_per_wall: float
     driver: str = "raw"
+    cpu_load_kind: str = "spin"
 
 
 def decode(model_path: str, batch: int, window_s: float) -> None:
@@ -153,16 +156,26 @@ def _spin(stop) -> None:
         sum(range(10_000))
 
 
+def _copy(stop) -> None:
+    source, target = bytearray(os.urandom(1 << 20) * 64), bytearray(64 << 20)
+    while not stop.is_set():
+        target[:] = source
+
+
+_CPU_LOADS = {"spin": _spin, "memory": _copy}
+
+
 def run_group(args: argparse.Namespace, gpus: list[str], cpu_load: int) -> list[DecodeRate]:
     """One process per GPU of the group, decoding at the same time, beside ``cpu_load``
-    spinning processes."""
+    busy processes of ``args.cpu_load_kind``."""
     children = [subprocess.Popen(
         [sys.executable, "-m", "mlx_serving.bench.gpu_decode", "--child", "--model", args.model,
          "--batch", str(args.batch), "--window", str(args.window), "--driver", args.driver],
         env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}, stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True) for gpu in gpus]
     stop = multiprocessing.Event()
-    spinners = [multiprocessing.Process(target=_spin, args=(stop,), daemon=True)
+    spinners = [multiprocessing.Process(target=_CPU_LOADS[args.cpu_load_kind], args=(stop,),
+                                        daemon=True)
                 for _ in range(cpu_load)]
     try:
         for child in children:
@@ -186,7 +199,8 @@ def run_group(args: argparse.Namespace, gpus: list[str], cpu_load: int) -> list[
             s.join(5)
     group = ",".join(gpus)
     return [DecodeRate(group, gpu, cpu_load, round(a["steps_s"], 2),
-                       round(a["cpu_per_wall"], 2), args.driver) for gpu, a in zip(gpus, answers)]
+                       round(a["cpu_per_wall"], 2), args.driver, args.cpu_load_kind)
+            for gpu, a in zip(gpus, answers)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=128, help="sequences each process decodes")
     p.add_argument("--window", type=float, default=20.0, help="seconds of decoding")
     p.add_argument("--cpu-load", type=int, default=0,
-                   help="also run each group beside this many processes spinning on a core")
+                   help="also run each group beside this many processes busy on a core")
+    p.add_argument("--cpu-load-kind", choices=sorted(_CPU_LOADS), default="spin",
+                   help="what the busy processes do: spin in their core's caches, or copy "
+                        "64 MiB buffers (shared cache and memory bandwidth)")
     p.add_argument("--driver", choices=["raw", "engine", "engine-process"], default="raw",
                    help="what decodes: mlx-lm's BatchGenerator in a loop, our Engine, or our "
                         "Engine in a child process (EngineProcess, a GPU replica's)")
@@ -216,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             group_rates = run_group(args, group.split(","), loads)
             rates += group_rates
             for r in group_rates:
-                print(f"{r.driver}: GPUs {r.group:<10} beside {r.cpu_load:>3} busy CPUs: "
+                print(f"{r.driver}: GPUs {r.group:<10} beside {r.cpu_load:>3} busy CPUs "
+                      f"({r.cpu_load_kind if r.cpu_load else '-'}): "
                       f"GPU {r.gpu} {r.steps_s:6.2f} steps/s, process CPU per second "
                       f"{r.cpu_per_wall:.2f}", flush=True)
     if args.json:
