@@ -8,8 +8,8 @@ seconds per second (a step is host work on one core: building the graph and laun
 kernels, so a loop near 1.0 is bound by its core). ``--cpu-load K`` adds a run of each
 group beside K processes busy on a core each, as a serving stack's Routers, proxy and
 load client would: spinning in the core's own caches (``--cpu-load-kind spin``), or copying
-64 MiB buffers (``memory``), which evicts the shared cache and draws memory bandwidth as
-Python servers moving requests do, and which a spin does not. No Ray. ``--driver engine`` decodes through our ``Engine`` instead (its
+64 MiB buffers (``memory``), which evicts the shared cache and draws memory bandwidth as a
+spin does not. No Ray. ``--driver engine`` decodes through our ``Engine`` instead (its
 scheduler thread, detokenizing and streaming every token), ``--driver engine-process`` through
 ``EngineProcess`` as a replica on a GPU does (the engine in a child process, each step's
 tokens forwarded to the parent): together they tell whether what slows replicas beside others
